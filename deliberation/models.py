@@ -1,0 +1,289 @@
+"""The data model keeps enough to replay and analyse every round.
+
+Writes go through deliberation.services; reads through deliberation.selectors.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+from django.conf import settings
+from django.core.validators import MaxValueValidator, MinValueValidator
+from django.db import models
+from django.db.models import Q
+
+LIKERT = [MinValueValidator(1), MaxValueValidator(7)]
+
+
+def _new_code() -> str:
+    return secrets.token_urlsafe(12)
+
+
+class Question(models.Model):
+    """A question from a bank (the Habermas Machine bank, or the demo set)."""
+
+    external_id = models.CharField(max_length=64, unique=True)
+    text = models.TextField()
+    affirming_statement = models.TextField(blank=True)
+    negating_statement = models.TextField(blank=True)
+    topic = models.CharField(max_length=200, blank=True, db_index=True)
+    split = models.CharField(max_length=32, blank=True, db_index=True)
+    source = models.CharField(max_length=200, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["id"]
+
+    def __str__(self) -> str:
+        return self.text[:80]
+
+
+class RewardModelVersion(models.Model):
+    """A registered set of reward-model weights and how they were made."""
+
+    kind = models.CharField(max_length=40)  # registry name, e.g. "cross-encoder"
+    path = models.CharField(max_length=500, blank=True)
+    base_model = models.CharField(max_length=300, blank=True)
+    dataset_sha256 = models.CharField(max_length=64, blank=True)
+    metrics = models.JSONField(default=dict, blank=True)
+    params = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"{self.kind} v{self.pk}"
+
+
+class Experiment(models.Model):
+    class Status(models.TextChoices):
+        ACTIVE = "active", "Active"
+        PAUSED = "paused", "Paused"
+        CLOSED = "closed", "Closed"
+
+    slug = models.SlugField(max_length=80, unique=True)
+    name = models.CharField(max_length=200)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.ACTIVE)
+    description = models.TextField(blank=True)
+    consent_text = models.TextField(blank=True)
+    questions = models.ManyToManyField(Question, blank=True, related_name="experiments")
+
+    group_size = models.PositiveSmallIntegerField(default=3, validators=[MinValueValidator(2), MaxValueValidator(8)])
+    min_group_size = models.PositiveSmallIntegerField(default=2, validators=[MinValueValidator(2)])
+    opinion_seconds = models.PositiveIntegerField(default=300)
+    rating_seconds = models.PositiveIntegerField(default=600)
+    opinion_min_chars = models.PositiveIntegerField(default=10)
+    opinion_max_chars = models.PositiveIntegerField(default=1000)
+    completion_code = models.CharField(max_length=64, blank=True)
+    completion_url = models.URLField(blank=True)
+    assignment_seed = models.BigIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Arm(models.Model):
+    """One condition of an experiment: which models write and rank its statements."""
+
+    class Welfare(models.TextChoices):
+        UTILITARIAN = "utilitarian", "Utilitarian (mean)"
+        RAWLSIAN = "rawlsian", "Rawlsian (minimum)"
+        NASH = "nash", "Nash (geometric mean)"
+        ISOELASTIC = "isoelastic", "Isoelastic (inequality-averse, alpha)"
+        BORDA = "borda", "Borda"
+        SCHULZE = "schulze", "Schulze"
+
+    experiment = models.ForeignKey(Experiment, on_delete=models.CASCADE, related_name="arms")
+    name = models.CharField(max_length=80)
+    generator_backend = models.CharField(max_length=40, blank=True, help_text="Blank: the site default.")
+    generator_model = models.CharField(max_length=300, blank=True, help_text="Blank: the site default.")
+    reward_model = models.CharField(max_length=40, blank=True, help_text="Registry name; blank: the site default.")
+    reward_model_version = models.ForeignKey(RewardModelVersion, null=True, blank=True, on_delete=models.PROTECT)
+    welfare_method = models.CharField(max_length=20, choices=Welfare.choices, default=Welfare.UTILITARIAN)
+    welfare_alpha = models.FloatField(default=1.0, validators=[MinValueValidator(0.0)])
+    n_candidates = models.PositiveSmallIntegerField(default=16, validators=[MinValueValidator(1), MaxValueValidator(64)])
+    k_shown = models.PositiveSmallIntegerField(default=4, validators=[MinValueValidator(1), MaxValueValidator(16)])
+    weight = models.PositiveSmallIntegerField(default=1)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["experiment", "name"], name="arm_unique_name")]
+
+    def __str__(self) -> str:
+        return f"{self.experiment.slug}/{self.name}"
+
+
+class Room(models.Model):
+    class Status(models.TextChoices):
+        OPEN = "open", "Open"  # accepting participants
+        RUNNING = "running", "Running"
+        CLOSED = "closed", "Closed"
+
+    experiment = models.ForeignKey(Experiment, on_delete=models.CASCADE, related_name="rooms")
+    arm = models.ForeignKey(Arm, on_delete=models.PROTECT, related_name="rooms")
+    question = models.ForeignKey(Question, on_delete=models.PROTECT, related_name="rooms")
+    code = models.CharField(max_length=32, unique=True, default=_new_code)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.OPEN)
+    capacity = models.PositiveSmallIntegerField()
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    closed_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"Room {self.pk} ({self.experiment.slug})"
+
+
+class Participant(models.Model):
+    room = models.ForeignKey(Room, on_delete=models.CASCADE, related_name="participants")
+    code = models.CharField(max_length=32, unique=True, default=_new_code)
+    label = models.CharField(max_length=40)  # the anonymous name others see
+    external_id = models.CharField(max_length=200, blank=True, db_index=True)
+    joined_at = models.DateTimeField(auto_now_add=True)
+    consented_at = models.DateTimeField(null=True, blank=True)
+    last_seen_at = models.DateTimeField(null=True, blank=True)
+    connections = models.PositiveIntegerField(default=0)
+    opinion_draft = models.TextField(blank=True)
+    dropped_out_at = models.DateTimeField(null=True, blank=True)
+    dropout_reason = models.CharField(max_length=200, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["id"]
+        constraints = [models.UniqueConstraint(fields=["room", "label"], name="participant_unique_label")]
+
+    def __str__(self) -> str:
+        return f"{self.label} in room {self.room_id}"
+
+
+class Round(models.Model):
+    class Phase(models.TextChoices):
+        WAITING = "waiting", "Waiting for the group"
+        OPINIONS = "opinions", "Writing opinions"
+        MEDIATING = "mediating", "Writing statements"
+        RATING = "rating", "Rating statements"
+        DONE = "done", "Done"
+
+    class Kind(models.TextChoices):
+        OPINION = "opinion", "Opinion round"
+        CRITIQUE = "critique", "Critique and revision"
+
+    class Outcome(models.TextChoices):
+        PENDING = "", "Pending"
+        COMPLETED = "completed", "Completed"
+        ABANDONED = "abandoned", "Abandoned"
+        FAILED = "failed", "Failed"
+
+    room = models.ForeignKey(Room, on_delete=models.CASCADE, related_name="rounds")
+    index = models.PositiveSmallIntegerField(default=0)
+    kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.OPINION)
+    phase = models.CharField(max_length=16, choices=Phase.choices, default=Phase.WAITING)
+    outcome = models.CharField(max_length=16, choices=Outcome.choices, default=Outcome.PENDING, blank=True)
+    phase_deadline = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    opinions_started_at = models.DateTimeField(null=True, blank=True)
+    mediation_started_at = models.DateTimeField(null=True, blank=True)
+    rating_started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    progress_stage = models.CharField(max_length=32, blank=True)
+    progress_done = models.PositiveIntegerField(default=0)
+    progress_total = models.PositiveIntegerField(default=0)
+    mediation_attempts = models.PositiveSmallIntegerField(default=0)
+    mediation_error = models.TextField(blank=True)
+    seed = models.BigIntegerField(default=0)
+
+    class Meta:
+        ordering = ["room_id", "index"]
+        constraints = [models.UniqueConstraint(fields=["room", "index"], name="round_unique_index")]
+
+    def __str__(self) -> str:
+        return f"Round {self.index} of room {self.room_id} ({self.phase})"
+
+
+class Opinion(models.Model):
+    round = models.ForeignKey(Round, on_delete=models.CASCADE, related_name="opinions")
+    participant = models.ForeignKey(Participant, on_delete=models.CASCADE, related_name="opinions")
+    text = models.TextField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["id"]
+        constraints = [models.UniqueConstraint(fields=["round", "participant"], name="opinion_one_per_participant")]
+
+
+class Candidate(models.Model):
+    round = models.ForeignKey(Round, on_delete=models.CASCADE, related_name="candidates")
+    index = models.PositiveSmallIntegerField()  # order of generation
+    text = models.TextField()
+    backend = models.CharField(max_length=40)
+    model_id = models.CharField(max_length=300)
+    model_revision = models.CharField(max_length=100, blank=True)
+    seed = models.BigIntegerField()
+    # Participant ids, in the order their opinions appeared in the prompt.
+    opinion_order = models.JSONField(default=list)
+    prompt = models.TextField()
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    completion_tokens = models.PositiveIntegerField(default=0)
+    latency_ms = models.FloatField(default=0)
+    welfare = models.FloatField(null=True, blank=True)
+    welfare_method = models.CharField(max_length=20, blank=True)
+    rank = models.PositiveSmallIntegerField(null=True, blank=True)  # 1 = best under the arm's welfare
+    shown = models.BooleanField(default=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["round_id", "index"]
+        constraints = [models.UniqueConstraint(fields=["round", "index"], name="candidate_unique_index")]
+
+
+class PredictedAgreement(models.Model):
+    candidate = models.ForeignKey(Candidate, on_delete=models.CASCADE, related_name="predictions")
+    participant = models.ForeignKey(Participant, on_delete=models.CASCADE, related_name="predictions")
+    score = models.FloatField()
+    reward_model = models.CharField(max_length=40)
+    reward_model_version = models.CharField(max_length=100, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["candidate", "participant"], name="prediction_unique_pair"),
+        ]
+
+
+class Presentation(models.Model):
+    """Which shown candidate a participant saw at which position (randomised per participant)."""
+
+    participant = models.ForeignKey(Participant, on_delete=models.CASCADE, related_name="presentations")
+    candidate = models.ForeignKey(Candidate, on_delete=models.CASCADE, related_name="presentations")
+    position = models.PositiveSmallIntegerField()
+
+    class Meta:
+        ordering = ["participant_id", "position"]
+        constraints = [
+            models.UniqueConstraint(fields=["participant", "candidate"], name="presentation_unique_pair"),
+        ]
+
+
+class Rating(models.Model):
+    participant = models.ForeignKey(Participant, on_delete=models.CASCADE, related_name="ratings")
+    candidate = models.ForeignKey(Candidate, on_delete=models.CASCADE, related_name="ratings")
+    agreement = models.PositiveSmallIntegerField(validators=LIKERT)
+    quality = models.PositiveSmallIntegerField(validators=LIKERT)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["id"]
+        constraints = [
+            models.UniqueConstraint(fields=["participant", "candidate"], name="rating_one_per_pair"),
+            models.CheckConstraint(condition=Q(agreement__gte=1, agreement__lte=7), name="rating_agreement_likert"),
+            models.CheckConstraint(condition=Q(quality__gte=1, quality__lte=7), name="rating_quality_likert"),
+        ]
+
+
+class Ranking(models.Model):
+    participant = models.ForeignKey(Participant, on_delete=models.CASCADE, related_name="rankings")
+    round = models.ForeignKey(Round, on_delete=models.CASCADE, related_name="rankings")
+    # Candidate ids, best first.
+    order = models.JSONField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["participant", "round"], name="ranking_one_per_round")]

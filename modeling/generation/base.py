@@ -1,0 +1,59 @@
+"""The generation interface every backend implements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Sequence
+
+# Called as on_progress(done, total) while candidates are being written.
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.9
+    top_p: float = 0.95
+    max_new_tokens: int = 120
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    question: str
+    opinions: Sequence[str]
+    n: int
+    seed: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class Candidate:
+    """One candidate consensus statement and everything needed to reproduce it."""
+
+    text: str
+    backend: str
+    model_id: str
+    # A git revision for hub models, the file's sha256 for single-file weights.
+    model_revision: str
+    prompt: str
+    # Indices into GenerationRequest.opinions, in the order they appeared in the prompt.
+    opinion_order: list[int]
+    seed: int
+    prompt_tokens: int
+    completion_tokens: int
+    latency_ms: float
+
+
+class GenerationError(RuntimeError):
+    """Generation failed in a way retrying the same request will not fix."""
+
+
+class Generator(Protocol):
+    backend: str
+    model_id: str
+    model_revision: str
+
+    def generate(
+        self, request: GenerationRequest, *, on_progress: ProgressCallback | None = None
+    ) -> list[Candidate]:
+        """Return exactly request.n candidates."""
+        ...

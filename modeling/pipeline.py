@@ -1,0 +1,70 @@
+"""One mediation step: generate candidates, predict agreement, rank by welfare.
+
+A pure function over plain data, so the Celery task stays thin and the whole
+step is testable without Django.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from .generation.base import Candidate, GenerationRequest, Generator, SamplingParams
+from .reward.base import AgreementQuery, RewardModel
+from .welfare import WelfareResult, rank_candidates
+
+# on_stage(stage, done, total): stage is "generating" or "ranking".
+StageCallback = Callable[[str, int, int], None]
+
+
+@dataclass
+class MediationResult:
+    candidates: list[Candidate]
+    # predicted[p][c]: predicted agreement (1-7) of participant p with candidate c.
+    predicted: list[list[float]]
+    welfare: WelfareResult
+    reward_model: str
+    reward_model_version: str
+
+
+def mediate(
+    *,
+    question: str,
+    opinions: Sequence[str],
+    n: int,
+    seed: int,
+    generator: Generator,
+    reward_model: RewardModel,
+    welfare_method: str = "utilitarian",
+    welfare_alpha: float = 1.0,
+    sampling: SamplingParams | None = None,
+    on_stage: StageCallback | None = None,
+) -> MediationResult:
+    if len(opinions) < 1:
+        raise ValueError("mediate needs at least one opinion")
+    notify = on_stage or (lambda stage, done, total: None)
+
+    notify("generating", 0, n)
+    request = GenerationRequest(
+        question=question, opinions=list(opinions), n=n, seed=seed, sampling=sampling or SamplingParams()
+    )
+    candidates = generator.generate(request, on_progress=lambda done, total: notify("generating", done, total))
+
+    notify("ranking", 0, len(candidates))
+    # Every (participant, candidate) pair in one batch: one forward pass, not P x N.
+    queries = [
+        AgreementQuery(question=question, opinion=opinion, statement=candidate.text)
+        for opinion in opinions
+        for candidate in candidates
+    ]
+    flat = reward_model.predict(queries)
+    predicted = [flat[p * len(candidates) : (p + 1) * len(candidates)] for p in range(len(opinions))]
+    welfare = rank_candidates(predicted, method=welfare_method, alpha=welfare_alpha)
+    notify("ranking", len(candidates), len(candidates))
+    return MediationResult(
+        candidates=candidates,
+        predicted=predicted,
+        welfare=welfare,
+        reward_model=reward_model.name,
+        reward_model_version=reward_model.version,
+    )
