@@ -175,3 +175,6 @@ CONCORD_MODEL_STORE = Path(env_str("CONCORD_MODEL_STORE", str(VAR_DIR / "models"
 # --- Rounds --------------------------------------------------------------------
 CONCORD_MEDIATION_TIME_LIMIT = env_int("CONCORD_MEDIATION_TIME_LIMIT", 900, minimum=30)
 CONCORD_PRESENCE_GRACE_SECONDS = env_float("CONCORD_PRESENCE_GRACE_SECONDS", 2.0, minimum=0.0)
+
+# daphne serves static files itself unless a proxy in front does (SERVE_STATIC=0).
+SERVE_STATIC = env_bool("SERVE_STATIC", True)

@@ -1,0 +1,47 @@
+"""ASGI entry point: HTTP, and websockets behind an origin check and session auth."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any, Awaitable, Callable
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
+
+from django.core.asgi import get_asgi_application  # noqa: E402
+
+django_http = get_asgi_application()
+
+from channels.auth import AuthMiddlewareStack  # noqa: E402
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+from django.conf import settings  # noqa: E402
+from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
+
+from deliberation.dispatch import remember_server_loop  # noqa: E402
+from deliberation.routing import websocket_urlpatterns  # noqa: E402
+
+ASGIApp = Callable[[dict[str, Any], Callable[..., Awaitable[Any]], Callable[..., Awaitable[Any]]], Awaitable[None]]
+
+
+class RememberServerLoop:
+    """Lets in-process tasks (the embedded default) run on the server's own event loop."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        remember_server_loop(asyncio.get_running_loop())
+        await self.app(scope, receive, send)
+
+
+http_app: Any = ASGIStaticFilesHandler(django_http) if settings.SERVE_STATIC else django_http
+
+application = RememberServerLoop(
+    ProtocolTypeRouter(
+        {
+            "http": http_app,
+            "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
+        }
+    )
+)

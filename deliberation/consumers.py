@@ -1,0 +1,111 @@
+"""Websocket consumers: authorise, then re-render from the database on every event.
+
+Events only say that a room changed. Each participant gets their own partial,
+because what they see (order of statements, their forms, their arm) differs.
+On connect — which includes every reconnect — the full state is sent.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.template.loader import render_to_string
+
+from . import selectors, services
+from .events import room_group
+from .models import Participant, Room
+from .views import SESSION_KEY
+
+# Participants never send more than a ping; anything bigger is abuse.
+MAX_CLIENT_FRAME_BYTES = 4096
+
+
+class ParticipantConsumer(AsyncWebsocketConsumer):
+    participant: Participant
+    group: str
+    last_main_key: str
+
+    async def connect(self) -> None:
+        code = self.scope["url_route"]["kwargs"]["code"]
+        session = self.scope.get("session")
+        allowed = session is not None and code in await database_sync_to_async(lambda: session.get(SESSION_KEY, []))()
+        participant = await database_sync_to_async(selectors.participant_by_code)(code) if allowed else None
+        if participant is None:
+            await self.close(code=4403)
+            return
+        self.participant = participant
+        self.group = room_group(participant.room_id)
+        self.last_main_key = ""
+        await self.channel_layer.group_add(self.group, self.channel_name)
+        await self.accept()
+        await database_sync_to_async(services.presence_connect)(participant_id=participant.pk)
+        await self.push(full=True)
+
+    async def disconnect(self, code: int) -> None:
+        if hasattr(self, "group"):
+            await self.channel_layer.group_discard(self.group, self.channel_name)
+            await database_sync_to_async(services.presence_disconnect)(participant_id=self.participant.pk)
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        size = len(text_data or "") + len(bytes_data or b"")
+        if size > MAX_CLIENT_FRAME_BYTES:
+            await self.close(code=1009)  # message too big
+            return
+        # The client asks for a full re-render after it regains focus or suspects a gap.
+        if text_data and '"resync"' in text_data:
+            await self.push(full=True)
+
+    async def room_event(self, event: dict[str, Any]) -> None:
+        await self.push(full=False)
+
+    async def push(self, *, full: bool) -> None:
+        html = await database_sync_to_async(self._render)(full)
+        if html:
+            await self.send(text_data=html)
+
+    def _render(self, full: bool) -> str:
+        state = selectors.room_state_for(self.participant)
+        parts = [render_to_string("deliberation/partials/status.html", {"state": state, "oob": True})]
+        main_key = state.main_key()
+        if full or main_key != self.last_main_key:
+            self.last_main_key = main_key
+            parts.append(render_to_string("deliberation/partials/main.html", {"state": state, "oob": True}))
+        return "\n".join(parts)
+
+
+class MonitorConsumer(AsyncWebsocketConsumer):
+    room: Room
+    group: str
+
+    async def connect(self) -> None:
+        room_id = int(self.scope["url_route"]["kwargs"]["room_id"])
+        user = self.scope.get("user")
+        room = await database_sync_to_async(lambda: Room.objects.select_related("experiment").filter(pk=room_id).first())()
+        if room is None or user is None or not await database_sync_to_async(selectors.can_monitor)(user, room):
+            await self.close(code=4403)
+            return
+        self.room = room
+        self.group = room_group(room.pk)
+        await self.channel_layer.group_add(self.group, self.channel_name)
+        await self.accept()
+        await self.push()
+
+    async def disconnect(self, code: int) -> None:
+        if hasattr(self, "group"):
+            await self.channel_layer.group_discard(self.group, self.channel_name)
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if len(text_data or "") + len(bytes_data or b"") > MAX_CLIENT_FRAME_BYTES:
+            await self.close(code=1009)
+
+    async def room_event(self, event: dict[str, Any]) -> None:
+        await self.push()
+
+    async def push(self) -> None:
+        html = await database_sync_to_async(self._render)()
+        await self.send(text_data=html)
+
+    def _render(self) -> str:
+        return render_to_string("deliberation/partials/monitor_body.html", {"monitor": selectors.monitor_state(self.room), "oob": True})

@@ -1,0 +1,98 @@
+"""Celery tasks: thin, idempotent, safe to retry. They take ids and call services."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from celery import shared_task
+from celery.exceptions import SoftTimeLimitExceeded
+from django.conf import settings
+
+from . import services
+from .models import Arm
+
+logger = logging.getLogger(__name__)
+
+MAX_MEDIATION_ATTEMPTS = 3
+# Progress events are throttled: a participant gains nothing from more than a few a second.
+PROGRESS_MIN_INTERVAL_S = 0.25
+
+
+def build_models_for_arm(arm: Arm):  # -> tuple[Generator, RewardModel]
+    from modeling.generation.registry import get_generator
+    from modeling.reward.registry import get_reward_model
+
+    generator = get_generator(
+        arm.generator_backend or settings.CONCORD_GENERATOR_BACKEND,
+        arm.generator_model or settings.CONCORD_GENERATOR_MODEL,
+        device=settings.CONCORD_DEVICE,
+        cache_dir=settings.CONCORD_MODEL_STORE / "hf-cache",
+    )
+    reward_name = arm.reward_model or settings.CONCORD_REWARD_MODEL
+    version_path = arm.reward_model_version.path if arm.reward_model_version_id else None
+    reward_model = get_reward_model(
+        reward_name,
+        embedding_model=settings.CONCORD_EMBEDDING_MODEL,
+        version_path=version_path,
+        device=settings.CONCORD_DEVICE,
+    )
+    return generator, reward_model
+
+
+@shared_task(
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    max_retries=MAX_MEDIATION_ATTEMPTS - 1,
+    soft_time_limit=settings.CONCORD_MEDIATION_TIME_LIMIT,
+    time_limit=settings.CONCORD_MEDIATION_TIME_LIMIT + 60,
+)
+def mediate_round(self, round_id: int) -> str:
+    from modeling.generation.base import SamplingParams
+    from modeling.pipeline import mediate
+
+    mediation = services.mediation_claim(round_id=round_id)
+    if mediation is None:
+        return "nothing to do"
+    arm = Arm.objects.select_related("reward_model_version").get(pk=mediation.arm_id)
+    last_sent = [0.0, ("", -1)]
+
+    def on_stage(stage: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if (stage, done) == last_sent[1] or (now - last_sent[0] < PROGRESS_MIN_INTERVAL_S and 0 < done < total):
+            return
+        last_sent[0], last_sent[1] = now, (stage, done)
+        services.mediation_progress(round_id=round_id, stage=stage, done=done, total=total)
+
+    try:
+        generator, reward_model = build_models_for_arm(arm)
+        result = mediate(
+            question=mediation.question,
+            opinions=mediation.opinions,
+            n=arm.n_candidates,
+            seed=mediation.seed,
+            generator=generator,
+            reward_model=reward_model,
+            welfare_method=arm.welfare_method,
+            welfare_alpha=arm.welfare_alpha,
+            sampling=SamplingParams(max_new_tokens=settings.CONCORD_MAX_NEW_TOKENS),
+            on_stage=on_stage,
+        )
+    except SoftTimeLimitExceeded:
+        services.mediation_fail(round_id=round_id, error="mediation ran past its time limit", final=True)
+        raise
+    except Exception as error:
+        final = self.request.retries >= self.max_retries
+        logger.exception("Mediation of round %s failed (attempt %s)", round_id, self.request.retries + 1)
+        services.mediation_fail(round_id=round_id, error=f"{type(error).__name__}: {error}", final=final)
+        if final:
+            return "failed"
+        raise self.retry(exc=error, countdown=2 ** self.request.retries)
+    stored = services.candidates_store(mediation=mediation, result=result)
+    return "stored" if stored else "already stored"
+
+
+@shared_task(acks_late=True, soft_time_limit=60, time_limit=90)
+def round_deadline(round_id: int, phase: str) -> str:
+    return services.round_deadline_fire(round_id=round_id, phase=phase)

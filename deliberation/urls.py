@@ -1,0 +1,18 @@
+from django.urls import path
+
+from . import views
+
+urlpatterns = [
+    path("", views.home, name="home"),
+    path("e/<slug:slug>/join/", views.join, name="join"),
+    path("e/<slug:slug>/r/<str:room_code>/join/", views.join, name="join_room"),
+    path("p/<str:code>/", views.participant_page, name="participant"),
+    path("p/<str:code>/opinion/", views.opinion_submit, name="opinion_submit"),
+    path("p/<str:code>/draft/", views.opinion_draft, name="opinion_draft"),
+    path("p/<str:code>/rate/<int:candidate_id>/", views.rating_submit, name="rating_submit"),
+    path("p/<str:code>/rank/", views.ranking_submit, name="ranking_submit"),
+    path("researcher/", views.researcher_home, name="researcher_home"),
+    path("researcher/experiments/<slug:slug>/", views.experiment_detail, name="experiment_detail"),
+    path("researcher/rooms/<int:room_id>/", views.room_monitor, name="room_monitor"),
+    path("researcher/rooms/<int:room_id>/start/", views.room_start, name="room_start"),
+]

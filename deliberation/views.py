@@ -1,0 +1,184 @@
+"""HTTP views: parse, authorise, call one service, render."""
+
+from __future__ import annotations
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseBadRequest
+from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
+
+from . import selectors, services
+from .models import Experiment, Participant, Room
+
+SESSION_KEY = "concord_participants"
+EXTERNAL_ID_PARAMS = ("PROLIFIC_PID", "participant_label")
+
+
+def _remember(request: HttpRequest, participant: Participant) -> None:
+    codes = list(request.session.get(SESSION_KEY, []))
+    if participant.code not in codes:
+        codes.append(participant.code)
+    request.session[SESSION_KEY] = codes[-50:]
+
+
+def participant_for_request(request: HttpRequest, code: str) -> Participant:
+    """The participant behind this URL, if this browser session joined as them; else 404."""
+    if code not in request.session.get(SESSION_KEY, []):
+        raise Http404("No such participant in this browser session.")
+    participant = selectors.participant_by_code(code)
+    if participant is None:
+        raise Http404("No such participant.")
+    return participant
+
+
+def _external_id(request: HttpRequest) -> str:
+    for name in EXTERNAL_ID_PARAMS:
+        value = request.GET.get(name) or request.POST.get(name)
+        if value:
+            return value
+    return ""
+
+
+@require_GET
+def home(request: HttpRequest) -> HttpResponse:
+    experiments = Experiment.objects.filter(status=Experiment.Status.ACTIVE).order_by("name")
+    return render(request, "home.html", {"experiments": experiments})
+
+
+@require_http_methods(["GET", "POST"])
+def join(request: HttpRequest, slug: str, room_code: str | None = None) -> HttpResponse:
+    experiment = get_object_or_404(Experiment, slug=slug)
+    room = get_object_or_404(Room, code=room_code, experiment=experiment) if room_code else None
+    external_id = _external_id(request)
+    context = {"experiment": experiment, "room": room, "external_id": external_id, "error": ""}
+    if request.method == "POST":
+        if request.POST.get("consent") != "yes":
+            context["error"] = "Please tick the box to give your consent, or close this page if you do not wish to take part."
+            return render(request, "deliberation/consent.html", context, status=400)
+        try:
+            participant = services.participant_join(experiment=experiment, external_id=external_id, room=room)
+        except services.JoinRefused as refusal:
+            context["error"] = str(refusal)
+            return render(request, "deliberation/join_refused.html", context, status=403)
+        _remember(request, participant)
+        return redirect("participant", code=participant.code)
+    return render(request, "deliberation/consent.html", context)
+
+
+def _room_response(request: HttpRequest, participant: Participant, *, error: str = "", status: int = 200) -> HttpResponse:
+    state = selectors.room_state_for(participant)
+    template = "deliberation/partials/main.html" if request.htmx else "deliberation/room.html"
+    return render(request, template, {"state": state, "error": error}, status=status)
+
+
+@require_GET
+def participant_page(request: HttpRequest, code: str) -> HttpResponse:
+    participant = participant_for_request(request, code)
+    return _room_response(request, participant)
+
+
+@require_POST
+def opinion_submit(request: HttpRequest, code: str) -> HttpResponse:
+    participant = participant_for_request(request, code)
+    try:
+        services.opinion_submit(participant=participant, text=request.POST.get("text", ""))
+    except services.ServiceError as error:
+        # Keep what they wrote, so a refused opinion is never lost.
+        services.opinion_save_draft(participant=participant, text=request.POST.get("text", ""))
+        return _room_response(request, participant, error=str(error), status=422 if not request.htmx else 200)
+    return _after_action(request, participant)
+
+
+@require_POST
+def opinion_draft(request: HttpRequest, code: str) -> HttpResponse:
+    participant = participant_for_request(request, code)
+    services.opinion_save_draft(participant=participant, text=request.POST.get("text", ""))
+    return HttpResponse(status=204)
+
+
+@require_POST
+def rating_submit(request: HttpRequest, code: str, candidate_id: int) -> HttpResponse:
+    participant = participant_for_request(request, code)
+    try:
+        services.rating_submit(
+            participant=participant,
+            candidate_id=candidate_id,
+            agreement=request.POST.get("agreement"),
+            quality=request.POST.get("quality"),
+        )
+    except services.ServiceError as error:
+        return _room_response(request, participant, error=str(error), status=422 if not request.htmx else 200)
+    return _after_action(request, participant)
+
+
+@require_POST
+def ranking_submit(request: HttpRequest, code: str) -> HttpResponse:
+    participant = participant_for_request(request, code)
+    positions: dict[int, object] = {}
+    for key, value in request.POST.items():
+        if key.startswith("rank_"):
+            try:
+                positions[int(key.removeprefix("rank_"))] = value
+            except ValueError:
+                return HttpResponseBadRequest("Malformed ranking.")
+    try:
+        services.ranking_submit(participant=participant, positions=positions)
+    except services.ServiceError as error:
+        return _room_response(request, participant, error=str(error), status=422 if not request.htmx else 200)
+    return _after_action(request, participant)
+
+
+def _after_action(request: HttpRequest, participant: Participant) -> HttpResponse:
+    if request.htmx:
+        return _room_response(request, participant)
+    return redirect("participant", code=participant.code)
+
+
+# --- Researchers ---------------------------------------------------------------------
+
+
+@login_required
+@require_GET
+def researcher_home(request: HttpRequest) -> HttpResponse:
+    experiments = selectors.experiments_for(request.user)
+    return render(request, "deliberation/researcher_home.html", {"experiments": experiments})
+
+
+@login_required
+@require_GET
+def experiment_detail(request: HttpRequest, slug: str) -> HttpResponse:
+    experiment = get_object_or_404(selectors.experiments_for(request.user), slug=slug)
+    join_url = request.build_absolute_uri(reverse("join", kwargs={"slug": experiment.slug}))
+    return render(
+        request,
+        "deliberation/experiment_detail.html",
+        {"experiment": experiment, "rooms": selectors.rooms_for_experiment(experiment), "join_url": join_url},
+    )
+
+
+def _monitored_room(request: HttpRequest, room_id: int) -> Room:
+    room = get_object_or_404(Room.objects.select_related("experiment"), pk=room_id)
+    if not selectors.can_monitor(request.user, room):
+        raise PermissionDenied("You can only monitor your own experiments.")
+    return room
+
+
+@login_required
+@require_GET
+def room_monitor(request: HttpRequest, room_id: int) -> HttpResponse:
+    room = _monitored_room(request, room_id)
+    return render(request, "deliberation/monitor.html", {"monitor": selectors.monitor_state(room)})
+
+
+@login_required
+@require_POST
+def room_start(request: HttpRequest, room_id: int) -> HttpResponse:
+    room = _monitored_room(request, room_id)
+    try:
+        services.round_start(room=room)
+    except services.ServiceError as error:
+        messages.error(request, str(error))
+    return redirect("room_monitor", room_id=room.pk)

@@ -1,0 +1,61 @@
+// Concord's small client: countdown timers, a character counter, and connection status.
+// No inline scripts anywhere, so a strict Content-Security-Policy holds.
+(function () {
+  "use strict";
+
+  function pad(n) { return n < 10 ? "0" + n : String(n); }
+
+  function tickTimers() {
+    document.querySelectorAll("[data-deadline]").forEach(function (el) {
+      var left = Math.max(0, Math.round((Date.parse(el.dataset.deadline) - Date.now()) / 1000));
+      el.textContent = Math.floor(left / 60) + ":" + pad(left % 60) + " left";
+      el.classList.toggle("urgent", left <= 30);
+    });
+  }
+  setInterval(tickTimers, 1000);
+  document.addEventListener("DOMContentLoaded", tickTimers);
+  document.addEventListener("htmx:afterSettle", tickTimers);
+  document.addEventListener("htmx:oobAfterSwap", tickTimers);
+
+  document.addEventListener("input", function (event) {
+    var el = event.target;
+    if (el.dataset && el.dataset.counter) {
+      var counter = document.getElementById(el.dataset.counter);
+      if (counter) counter.textContent = String(el.value.length);
+    }
+  });
+
+  function setConnection(text, state) {
+    var el = document.getElementById("connection");
+    if (!el) return;
+    el.textContent = text;
+    el.dataset.state = state;
+  }
+
+  // htmx reconnects on abnormal closes itself; a clean close from a restarting
+  // server (1001 "going away") would otherwise leave the page silently stale.
+  var retries = 0;
+  document.addEventListener("htmx:wsOpen", function () {
+    retries = 0;
+    setConnection("", "open");
+    document.body.dataset.ws = "open";
+  });
+  document.addEventListener("htmx:wsClose", function (event) {
+    document.body.dataset.ws = "closed";
+    var code = event.detail && event.detail.event ? event.detail.event.code : 0;
+    if (code === 4403) {
+      setConnection("This page is not yours to follow. Please use your own invitation link.", "refused");
+      return;
+    }
+    setConnection("Connection lost — reconnecting…", "reconnecting");
+    if ([1006, 1011, 1012, 1013].indexOf(code) < 0 && event.detail && event.detail.socketWrapper) {
+      var delay = Math.min(30000, 500 * Math.pow(2, retries++)) * Math.random() + 250;
+      setTimeout(function () { event.detail.socketWrapper.reconnect(); }, delay);
+    }
+  });
+
+  // A swapped-in form must not keep a stale error once the participant acts again.
+  document.addEventListener("htmx:beforeRequest", function () {
+    document.querySelectorAll("#main .error").forEach(function (el) { el.remove(); });
+  });
+})();
