@@ -380,9 +380,21 @@ def _method_phrase(method: str, alpha: float) -> str:
     }[method]
 
 
-def describe_choice(scores: Sequence[Sequence[float]] | np.ndarray, result: WelfareResult) -> ChoiceExplanation:
-    """Structured explanation of `result`'s winner against the runner-up."""
+def describe_choice(
+    scores: Sequence[Sequence[float]] | np.ndarray,
+    result: WelfareResult,
+    *,
+    candidate_labels: Sequence[Any] | None = None,
+    participant_labels: Sequence[Any] | None = None,
+) -> ChoiceExplanation:
+    """Structured explanation of `result`'s winner against the runner-up.
+
+    Fields hold candidate/participant indices; the labels (e.g. database ids) only
+    change how the text names them.
+    """
     matrix = _as_matrix(scores)
+    candidate_name = (lambda c: candidate_labels[c]) if candidate_labels is not None else (lambda c: c)
+    participant_name = (lambda p: participant_labels[p]) if participant_labels is not None else (lambda p: p)
     if matrix.shape[1] != len(result.welfare):
         raise ValueError(
             f"scores have {matrix.shape[1]} candidates but the result ranks {len(result.welfare)}"
@@ -392,14 +404,14 @@ def describe_choice(scores: Sequence[Sequence[float]] | np.ndarray, result: Welf
     column = matrix[:, winner]
     worst_off = int(np.argmin(column))
     sentences = [
-        f"Candidate {winner} won on {_method_phrase(result.method, result.alpha)}: "
+        f"Candidate {candidate_name(winner)} won on {_method_phrase(result.method, result.alpha)}: "
         f"{_format(result.welfare[winner])}"
     ]
     prefer_winner = prefer_runner_up = indifferent = 0
     runner_up_welfare: float | None = None
     if runner_up is not None:
         runner_up_welfare = result.welfare[runner_up]
-        sentences[0] += f" vs {_format(runner_up_welfare)} for the runner-up, candidate {runner_up}"
+        sentences[0] += f" vs {_format(runner_up_welfare)} for the runner-up, candidate {candidate_name(runner_up)}"
         prefer_winner = int((matrix[:, winner] > matrix[:, runner_up]).sum())
         prefer_runner_up = int((matrix[:, winner] < matrix[:, runner_up]).sum())
         indifferent = matrix.shape[0] - prefer_winner - prefer_runner_up
@@ -408,7 +420,7 @@ def describe_choice(scores: Sequence[Sequence[float]] | np.ndarray, result: Welf
         sentences.append(f"Its welfare was tied; the '{result.tie_break}' tie-break chose it.")
     sentences.append(
         f"Mean predicted agreement {_format(math.fsum(column) / len(column))}; "
-        f"the worst-off member (participant {worst_off}) is predicted at {_format(float(column[worst_off]))} of 7."
+        f"the worst-off member (participant {participant_name(worst_off)}) is predicted at {_format(float(column[worst_off]))} of 7."
     )
     if runner_up is not None:
         sentences.append(
@@ -418,8 +430,8 @@ def describe_choice(scores: Sequence[Sequence[float]] | np.ndarray, result: Welf
         if result.method == "schulze":
             tables = schulze_tables(matrix)
             sentences.append(
-                f"Strongest path {winner}->{runner_up} has strength {int(tables.strength[winner, runner_up])}, "
-                f"{runner_up}->{winner} has {int(tables.strength[runner_up, winner])}."
+                f"Strongest path {candidate_name(winner)}->{candidate_name(runner_up)} has strength {int(tables.strength[winner, runner_up])}, "
+                f"{candidate_name(runner_up)}->{candidate_name(winner)} has {int(tables.strength[runner_up, winner])}."
             )
     return ChoiceExplanation(
         method=result.method,
@@ -438,6 +450,14 @@ def describe_choice(scores: Sequence[Sequence[float]] | np.ndarray, result: Welf
     )
 
 
-def explain_choice(scores: Sequence[Sequence[float]] | np.ndarray, result: WelfareResult) -> str:
+def explain_choice(
+    scores: Sequence[Sequence[float]] | np.ndarray,
+    result: WelfareResult,
+    *,
+    candidate_labels: Sequence[Any] | None = None,
+    participant_labels: Sequence[Any] | None = None,
+) -> str:
     """One paragraph on why the top candidate won (see describe_choice for the fields)."""
-    return describe_choice(scores, result).text
+    return describe_choice(
+        scores, result, candidate_labels=candidate_labels, participant_labels=participant_labels
+    ).text

@@ -1,0 +1,70 @@
+"""Reward models by registry name, loaded once per process.
+
+Arm.reward_model and settings.CONCORD_REWARD_MODEL hold these names. Loading
+weights takes seconds, and in-process mediation tasks run in threads, so each
+distinct configuration is built once and shared (models are safe to call from
+several threads: they serialise their own forward passes).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+from .base import RewardModel
+
+RewardModelFactory = Callable[..., RewardModel]
+
+
+def _build_similarity(
+    *, embedding_model: str, version_path: str | None, device: str, question_aware: bool = False,
+    low: float | None = None, high: float | None = None, allow_hub: bool = False,
+) -> RewardModel:
+    from .similarity import SimilarityConfig, SimilarityRewardModel, get_encoder
+
+    encoder = get_encoder(embedding_model, device=device, allow_hub=allow_hub)
+    return SimilarityRewardModel(encoder, SimilarityConfig(question_aware=question_aware, low=low, high=high))
+
+
+REWARD_MODELS: dict[str, RewardModelFactory] = {
+    "similarity": _build_similarity,
+}
+
+_CACHE: dict[tuple[Any, ...], RewardModel] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def _cache_key(name: str, embedding_model: str, version_path: str | None, device: str, opts: dict[str, Any]) -> tuple[Any, ...]:
+    return (name, embedding_model, version_path, device, tuple(sorted((key, repr(value)) for key, value in opts.items())))
+
+
+def get_reward_model(
+    name: str,
+    *,
+    embedding_model: str = "all-minilm-l6-v2",
+    version_path: str | None = None,
+    device: str = "auto",
+    **opts: Any,
+) -> RewardModel:
+    """The reward model registered as `name`, built once per process per configuration.
+
+    embedding_model: encoder alias, local path or cached hub id (similarity).
+    version_path: directory of trained weights (models that need them, e.g. cross-encoder).
+    opts: model-specific options, e.g. question_aware=True for similarity.
+    """
+    factory = REWARD_MODELS.get(name)
+    if factory is None:
+        raise ValueError(f"unknown reward model {name!r}; known: {', '.join(sorted(REWARD_MODELS))}")
+    key = _cache_key(name, embedding_model, version_path, device, opts)
+    with _CACHE_LOCK:
+        model = _CACHE.get(key)
+        if model is None:
+            model = factory(embedding_model=embedding_model, version_path=version_path, device=device, **opts)
+            _CACHE[key] = model
+        return model
+
+
+def clear_cache() -> None:
+    """Forget loaded models (tests; freeing memory after an evaluation)."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
