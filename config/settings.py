@@ -7,6 +7,7 @@ With REDIS_URL, the Redis channel layer and real Celery workers are used.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import dj_database_url
@@ -19,8 +20,10 @@ VAR_DIR = Path(env_str("CONCORD_VAR_DIR", str(BASE_DIR / "var")))
 
 DEBUG = env_bool("DEBUG", False)
 SECRET_KEY = env_str("SECRET_KEY")
+# A test run needs no secret of its own; pytest is imported before settings are read.
+RUNNING_TESTS = "pytest" in sys.modules
 if not SECRET_KEY:
-    if not DEBUG:
+    if not DEBUG and not RUNNING_TESTS:
         raise ImproperlyConfigured("SECRET_KEY must be set when DEBUG is off (make run sets DEBUG=1 for you).")
     SECRET_KEY = "insecure-development-key-do-not-use-in-production"
 
@@ -75,6 +78,7 @@ TEMPLATES = [
 DATABASE_URL = env_str("DATABASE_URL", f"sqlite:///{VAR_DIR / 'concord.sqlite3'}")
 DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=env_int("DB_CONN_MAX_AGE", 0, minimum=0))}
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    Path(DATABASES["default"]["NAME"]).parent.mkdir(parents=True, exist_ok=True)
     # In-process tasks write from worker threads: wait for the lock rather than fail,
     # and take it up front so two writers cannot deadlock on an upgrade.
     DATABASES["default"]["OPTIONS"] = {

@@ -131,9 +131,10 @@ def participant_join(*, experiment: Experiment, external_id: str = "", room: Roo
             if room.participants.count() >= room.capacity:
                 raise JoinRefused("This room is full.")
             return _add_participant(room=room, external_id=external_id)
+        # The experiment lock above already serialises joins, so no room lock is needed here
+        # (and PostgreSQL refuses FOR UPDATE with GROUP BY).
         forming = (
-            experiment.rooms.select_for_update()
-            .filter(status=Room.Status.OPEN)
+            experiment.rooms.filter(status=Room.Status.OPEN)
             .annotate(size=Count("participants"))
             .filter(size__lt=F("capacity"))
             .order_by("id")
