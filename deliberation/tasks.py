@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
 from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
@@ -12,6 +13,10 @@ from django.conf import settings
 from . import services
 from .models import Arm
 
+if TYPE_CHECKING:
+    from modeling.generation.base import Generator
+    from modeling.reward.base import RewardModel
+
 logger = logging.getLogger(__name__)
 
 MAX_MEDIATION_ATTEMPTS = 3
@@ -19,22 +24,22 @@ MAX_MEDIATION_ATTEMPTS = 3
 PROGRESS_MIN_INTERVAL_S = 0.25
 
 
-def build_models_for_arm(arm: Arm):  # -> tuple[Generator, RewardModel]
+def load_models(*, arm: Arm | None) -> tuple["Generator", "RewardModel"]:
+    """The arm's generator and reward model (or the site defaults), loaded once per process."""
     from modeling.generation.registry import get_generator
     from modeling.reward.registry import get_reward_model
 
     generator = get_generator(
-        arm.generator_backend or settings.CONCORD_GENERATOR_BACKEND,
-        arm.generator_model or settings.CONCORD_GENERATOR_MODEL,
+        (arm and arm.generator_backend) or settings.CONCORD_GENERATOR_BACKEND,
+        (arm and arm.generator_model) or settings.CONCORD_GENERATOR_MODEL,
         device=settings.CONCORD_DEVICE,
         cache_dir=settings.CONCORD_MODEL_STORE / "hf-cache",
     )
-    reward_name = arm.reward_model or settings.CONCORD_REWARD_MODEL
-    version_path = arm.reward_model_version.path if arm.reward_model_version_id else None
+    version = arm.reward_model_version if arm is not None and arm.reward_model_version_id else None
     reward_model = get_reward_model(
-        reward_name,
+        (arm and arm.reward_model) or settings.CONCORD_REWARD_MODEL,
         embedding_model=settings.CONCORD_EMBEDDING_MODEL,
-        version_path=version_path,
+        version_path=version.path if version is not None else None,
         device=settings.CONCORD_DEVICE,
     )
     return generator, reward_model
@@ -66,7 +71,7 @@ def mediate_round(self, round_id: int) -> str:
         services.mediation_progress(round_id=round_id, stage=stage, done=done, total=total)
 
     try:
-        generator, reward_model = build_models_for_arm(arm)
+        generator, reward_model = load_models(arm=arm)
         result = mediate(
             question=mediation.question,
             opinions=mediation.opinions,
