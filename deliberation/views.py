@@ -11,6 +11,7 @@ from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from . import selectors, services
+from .ratelimit import rate_limited
 from .models import Experiment, Participant, Room
 
 SESSION_KEY = "concord_participants"
@@ -49,6 +50,7 @@ def home(request: HttpRequest) -> HttpResponse:
 
 
 @require_http_methods(["GET", "POST"])
+@rate_limited("join", limit_setting="RATE_LIMIT_JOIN_PER_IP")
 def join(request: HttpRequest, slug: str, room_code: str | None = None) -> HttpResponse:
     experiment = get_object_or_404(Experiment, slug=slug)
     room = get_object_or_404(Room, code=room_code, experiment=experiment) if room_code else None
@@ -81,6 +83,7 @@ def participant_page(request: HttpRequest, code: str) -> HttpResponse:
 
 
 @require_POST
+@rate_limited("submit", limit_setting="RATE_LIMIT_SUBMIT_PER_PARTICIPANT", by="participant")
 def opinion_submit(request: HttpRequest, code: str) -> HttpResponse:
     participant = participant_for_request(request, code)
     try:
@@ -93,6 +96,7 @@ def opinion_submit(request: HttpRequest, code: str) -> HttpResponse:
 
 
 @require_POST
+@rate_limited("draft", limit_setting="RATE_LIMIT_DRAFT_PER_PARTICIPANT", by="participant")
 def opinion_draft(request: HttpRequest, code: str) -> HttpResponse:
     participant = participant_for_request(request, code)
     services.opinion_save_draft(participant=participant, text=request.POST.get("text", ""))
@@ -100,6 +104,7 @@ def opinion_draft(request: HttpRequest, code: str) -> HttpResponse:
 
 
 @require_POST
+@rate_limited("submit", limit_setting="RATE_LIMIT_SUBMIT_PER_PARTICIPANT", by="participant")
 def rating_submit(request: HttpRequest, code: str, candidate_id: int) -> HttpResponse:
     participant = participant_for_request(request, code)
     try:
@@ -115,6 +120,7 @@ def rating_submit(request: HttpRequest, code: str, candidate_id: int) -> HttpRes
 
 
 @require_POST
+@rate_limited("submit", limit_setting="RATE_LIMIT_SUBMIT_PER_PARTICIPANT", by="participant")
 def ranking_submit(request: HttpRequest, code: str) -> HttpResponse:
     participant = participant_for_request(request, code)
     positions: dict[int, object] = {}

@@ -1,0 +1,55 @@
+"""Fixed-window rate limits in the cache (Redis when configured), for join and submit floods."""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Callable
+
+from django.conf import settings
+from django.core.cache import cache
+from django.http import HttpRequest, HttpResponse
+
+
+def client_ip(request: HttpRequest) -> str:
+    if settings.TRUST_X_FORWARDED_FOR:
+        forwarded = request.META.get("HTTP_X_FORWARDED_FOR", "")
+        if forwarded:
+            return forwarded.split(",")[0].strip()
+    return request.META.get("REMOTE_ADDR", "unknown")
+
+
+def hit(*, scope: str, key: str, limit: int, window_seconds: int = 60) -> bool:
+    """Count one request; False once `limit` requests were made in the current window."""
+    if limit <= 0:
+        return True
+    bucket = f"rl:{scope}:{key}:{int(time.time() // window_seconds)}"
+    cache.add(bucket, 0, timeout=window_seconds * 2)
+    try:
+        count = cache.incr(bucket)
+    except ValueError:  # expired between add and incr
+        cache.set(bucket, 1, timeout=window_seconds * 2)
+        count = 1
+    return count <= limit
+
+
+def rate_limited(scope: str, *, limit_setting: str, by: str = "ip") -> Callable:
+    """Refuse with 429 past the limit. `by` is "ip" or "participant" (the code in the URL)."""
+
+    def decorator(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+        @functools.wraps(view)
+        def wrapped(request: HttpRequest, *args: object, **kwargs: object) -> HttpResponse:
+            if request.method == "POST":
+                key = str(kwargs.get("code")) if by == "participant" else client_ip(request)
+                if not hit(scope=scope, key=key, limit=getattr(settings, limit_setting)):
+                    return HttpResponse(
+                        "Too many requests: please wait a minute and try again.",
+                        status=429,
+                        headers={"Retry-After": "60"},
+                        content_type="text/plain; charset=utf-8",
+                    )
+            return view(request, *args, **kwargs)
+
+        return wrapped
+
+    return decorator
