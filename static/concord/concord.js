@@ -59,3 +59,25 @@
     document.querySelectorAll("#main .error").forEach(function (el) { el.remove(); });
   });
 })();
+
+// A request that failed (server or network) must say so, and keep what the person entered.
+(function () {
+  "use strict";
+  function show(text) {
+    var el = document.getElementById("connection");
+    if (el) { el.textContent = text; el.dataset.state = "error"; }
+  }
+  document.addEventListener("htmx:responseError", function (event) {
+    var xhr = event.detail.xhr;
+    show(xhr && xhr.status === 429 ? "Too many requests: please wait a minute and try again."
+      : xhr && xhr.status === 503 ? "We could not save that just now. Please try again in a moment."
+      : "Something went wrong while saving. Please try again.");
+  });
+  document.addEventListener("htmx:sendError", function () {
+    show("You seem to be offline. Please check your connection and try again.");
+  });
+  document.addEventListener("htmx:afterRequest", function (event) {
+    var el = document.getElementById("connection");
+    if (event.detail.successful && el && el.dataset.state === "error") { el.textContent = ""; el.dataset.state = "open"; }
+  });
+})();
