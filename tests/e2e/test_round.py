@@ -125,6 +125,7 @@ def test_a_group_of_four_deliberates_rates_and_is_monitored(stack: Stack, new_pe
             f"first browser {seconds[0]:.1f}s, last browser {seconds[-1]:.1f}s "
             f"(N={N_CANDIDATES}, K={K_SHOWN}, 40 new tokens; mediate_round task {', '.join(f'{t:.1f}' for t in task_seconds) or '?'} s, "
             f"{sampling_rounds} sampling round(s); load average {os.getloadavg()[0]:.1f})")
+    _report(capsys, stack, "what participant 1's status area said while mediating", " | ".join(p1.state("progressTexts")))
     _record(stack, {
         "last_opinion_to_statements_s": {k: round(v / 1000, 2) for k, v in shown_after_ms.items()},
         "mediate_round_task_s": task_seconds,
