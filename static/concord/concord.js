@@ -35,7 +35,9 @@
   // htmx reconnects on abnormal closes itself; a clean close from a restarting
   // server (1001 "going away") would otherwise leave the page silently stale.
   var retries = 0;
-  document.addEventListener("htmx:wsOpen", function () {
+  var socket = null;
+  document.addEventListener("htmx:wsOpen", function (event) {
+    socket = event.detail.socketWrapper;
     retries = 0;
     setConnection("", "open");
     document.body.dataset.ws = "open";
@@ -51,6 +53,13 @@
     if ([1006, 1011, 1012, 1013].indexOf(code) < 0 && event.detail && event.detail.socketWrapper) {
       var delay = Math.min(30000, 500 * Math.pow(2, retries++)) * Math.random() + 250;
       setTimeout(function () { event.detail.socketWrapper.reconnect(); }, delay);
+    }
+  });
+
+  // A tab that was in the background may have been throttled: ask for the current state.
+  document.addEventListener("visibilitychange", function () {
+    if (document.visibilityState === "visible" && socket && document.body.dataset.ws === "open") {
+      socket.send(JSON.stringify({ type: "resync" }));
     }
   });
 
