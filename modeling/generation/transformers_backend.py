@@ -1,0 +1,307 @@
+"""Local generation with Hugging Face transformers: all n candidates in one batched generate().
+
+Why one batch: decoding a 135M-500M model on a CPU is dominated by per-step overhead
+and memory traffic for the weights, which a batch of 16 rows shares; sampling the 16
+candidates one at a time costs several times as much (see docs/benchmarks.md).
+
+Each row has its own prompt (its own opinion order), so prompts are left-padded to a
+common length. Sampling is seeded with torch's global RNG, which generate() uses and
+which cannot be passed in; a process-wide lock serialises generations so two threads
+cannot interleave draws from it, and fork_rng() restores the RNG afterwards so other
+code in the process is unaffected.
+
+Latency: every candidate of a batch records the wall time of the generate() call that
+produced it (rows of one batch finish together from the caller's point of view).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from .base import Candidate, GenerationError, GenerationRequest, ProgressCallback, SamplingParams
+from .cleaning import CleaningOptions, ProgressReporter, RawSample, build_candidates, collect_statements
+from .models import DEFAULT_MODEL_ALIAS, LoadedModel, load_model
+from .prompts import INSTRUCTION_TEXTS, ChatMessage, derive_seed, plan_prompts, render_chat
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+# libgomp, torch's OpenMP runtime on Linux, keeps idle worker threads spinning. When other
+# busy processes share the cores (the web server, the reward model, other workers), a thread
+# spins while its peer is descheduled: batched generation ran 5-10x slower that way on our
+# 2-core machine (docs/benchmarks.md). PASSIVE lets idle threads sleep. libgomp reads it once,
+# when torch is first imported, so this only helps where nothing imported torch earlier;
+# worker environments should set it too.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+# generate() samples from torch's global RNG; see the module docstring.
+_TORCH_RNG_LOCK = threading.Lock()
+
+
+@dataclass
+class Completion:
+    """One sampled continuation of one prompt."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    hit_token_limit: bool
+    latency_ms: float
+
+
+def _usable_cpu_count() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _rows_finished_criteria(eos_ids: Sequence[int], on_change: Callable[[int], None]) -> Any:
+    """A StoppingCriteria that never stops anything; it counts rows that produced EOS.
+
+    generate() calls it after every decoding step, which is the only hook that sees
+    rows finish while the batch is still running.
+    """
+    import torch
+    from transformers import StoppingCriteria
+
+    class RowsFinished(StoppingCriteria):
+        def __init__(self) -> None:
+            self.finished: torch.Tensor | None = None
+            self.reported = 0
+            self.eos = torch.tensor(list(eos_ids))
+
+        def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+            last = input_ids[:, -1]
+            if self.finished is None:
+                self.finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+                self.eos = self.eos.to(input_ids.device)
+            # Finished rows keep receiving the pad token, which for most chat models is EOS.
+            self.finished |= torch.isin(last, self.eos)
+            count = int(self.finished.sum())
+            if count != self.reported:
+                self.reported = count
+                on_change(count)
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    return RowsFinished()
+
+
+class TransformersGenerator:
+    """Generator backed by a local transformers causal LM (default: SmolLM2-135M-Instruct)."""
+
+    backend = "transformers"
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL_ALIAS,
+        *,
+        device: str = "auto",
+        cache_dir: Path | None = None,
+        num_threads: int | None = None,
+        dtype: torch.dtype | None = None,
+        allow_hub_download: bool | None = None,
+        cleaning: CleaningOptions = CleaningOptions(),
+    ) -> None:
+        import torch
+
+        self._loaded: LoadedModel = load_model(
+            model, device=device, cache_dir=cache_dir, dtype=dtype, allow_hub_download=allow_hub_download
+        )
+        if self._loaded.device == "cpu":
+            # torch defaults to the physical core count, which in containers is often the
+            # host's, not the cgroup's; oversubscribing two vCPUs makes decoding slower.
+            torch.set_num_threads(num_threads or _usable_cpu_count())
+        self.model_id = self._loaded.source.model_id
+        self.model_revision = self._loaded.source.revision
+        self.device = self._loaded.device
+        self.load_seconds = self._loaded.load_seconds
+        self.loaded_from_cache = self._loaded.loaded_from_cache
+        self.cleaning = cleaning
+
+        tokenizer = self._loaded.tokenizer
+        if tokenizer.chat_template is None:
+            raise GenerationError(f"{self.model_id} has no chat template; Concord needs an instruction-tuned model.")
+        tokenizer.padding_side = "left"  # decoder-only: new tokens must follow the prompt directly
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        configured = self._loaded.model.generation_config.eos_token_id
+        eos_ids = set(configured if isinstance(configured, list) else [configured] if configured is not None else [])
+        if tokenizer.eos_token_id is not None:
+            eos_ids.add(tokenizer.eos_token_id)
+        if not eos_ids:
+            raise GenerationError(f"{self.model_id} defines no end-of-sequence token.")
+        self._eos_ids = sorted(eos_ids)
+        # Neutralised inside opinions in addition to the generic role-token patterns.
+        self._special_tokens = [str(token) for token in tokenizer.all_special_tokens]
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._loaded.tokenizer
+
+    @property
+    def model(self) -> Any:
+        return self._loaded.model
+
+    # --- the Generator protocol -------------------------------------------------
+
+    def generate(self, request: GenerationRequest, *, on_progress: ProgressCallback | None = None) -> list[Candidate]:
+        return self._generate(request, on_progress=on_progress, batched=True)
+
+    def generate_sequential(
+        self, request: GenerationRequest, *, on_progress: ProgressCallback | None = None
+    ) -> list[Candidate]:
+        """One generate() call per candidate. Only for benchmarking against the batched path."""
+        return self._generate(request, on_progress=on_progress, batched=False)
+
+    # --- lower level, shared with the loopback OpenAI test server ----------------
+
+    def render_chat(self, messages: list[ChatMessage]) -> str:
+        return render_chat(self._loaded.tokenizer, messages)
+
+    def sample_prompts(
+        self,
+        prompts: Sequence[str],
+        *,
+        sampling: SamplingParams,
+        seed: int,
+        batched: bool = True,
+        on_rows_finished: Callable[[int], None] | None = None,
+    ) -> list[Completion]:
+        """Sample one completion per prompt (prompts already rendered through the chat template)."""
+        if not prompts:
+            return []
+        if sampling.max_new_tokens < 1:
+            raise GenerationError("max_new_tokens must be at least 1")
+        if batched:
+            return self._sample_batch(list(prompts), sampling, seed, on_rows_finished)
+        completions = []
+        for row, prompt in enumerate(prompts):
+            completions.extend(self._sample_batch([prompt], sampling, derive_seed(seed, "row", row), None))
+            if on_rows_finished is not None:
+                on_rows_finished(row + 1)
+        return completions
+
+    # --- internals ----------------------------------------------------------------
+
+    def _generate(
+        self, request: GenerationRequest, *, on_progress: ProgressCallback | None, batched: bool
+    ) -> list[Candidate]:
+        _validate_request(request)
+        progress = ProgressReporter(request.n, on_progress)
+        progress.update(0)
+        accepted = 0
+
+        def note_accepted(count: int) -> None:
+            nonlocal accepted
+            accepted = count
+            progress.update(count)
+
+        def sampler(indices: Sequence[int]) -> list[RawSample]:
+            plans = plan_prompts(
+                request.question, request.opinions, request.seed, indices, extra_special_tokens=self._special_tokens
+            )
+            prompts = [self.render_chat(plan.messages) for plan in plans]
+            # The first index identifies the round, so every round draws fresh samples.
+            round_seed = derive_seed("transformers", request.seed, indices[0])
+            completions = self.sample_prompts(
+                prompts,
+                sampling=request.sampling,
+                seed=round_seed,
+                batched=batched,
+                on_rows_finished=lambda finished: progress.update(accepted + finished),
+            )
+            return [
+                RawSample(
+                    text=completion.text,
+                    sample_index=plan.sample_index,
+                    prompt=prompt,
+                    opinion_order=plan.opinion_order,
+                    prompt_tokens=completion.prompt_tokens,
+                    completion_tokens=completion.completion_tokens,
+                    latency_ms=completion.latency_ms,
+                    hit_token_limit=completion.hit_token_limit,
+                )
+                for plan, prompt, completion in zip(plans, prompts, completions)
+            ]
+
+        samples = collect_statements(
+            sampler, request.n, options=self.cleaning, on_accepted=note_accepted, instructions=INSTRUCTION_TEXTS
+        )
+        progress.finish()
+        return build_candidates(
+            samples, backend=self.backend, model_id=self.model_id, model_revision=self.model_revision, seed=request.seed
+        )
+
+    def _sample_batch(
+        self,
+        prompts: list[str],
+        sampling: SamplingParams,
+        seed: int,
+        on_rows_finished: Callable[[int], None] | None,
+    ) -> list[Completion]:
+        import torch
+        from transformers import StoppingCriteriaList
+
+        tokenizer, model = self._loaded.tokenizer, self._loaded.model
+        # The chat template already contains BOS/role tokens; adding them again would double them.
+        encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        prompt_lengths = encoded["attention_mask"].sum(dim=1).tolist()
+        generate_kwargs: dict[str, Any] = {
+            "max_new_tokens": sampling.max_new_tokens,
+            "eos_token_id": self._eos_ids,
+            "pad_token_id": tokenizer.pad_token_id,
+            "use_cache": True,
+        }
+        if sampling.temperature > 0:
+            # top_k=0 disables the library's default top-k of 50: sampling is exactly
+            # temperature + nucleus, as on vLLM and OpenAI-compatible servers.
+            generate_kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+        else:
+            generate_kwargs.update(do_sample=False)
+        if on_rows_finished is not None:
+            generate_kwargs["stopping_criteria"] = StoppingCriteriaList(
+                [_rows_finished_criteria(self._eos_ids, on_rows_finished)]
+            )
+        rng_devices = [torch.cuda.current_device()] if self.device.startswith("cuda") else []
+        with _TORCH_RNG_LOCK, torch.random.fork_rng(devices=rng_devices), torch.inference_mode():
+            torch.manual_seed(seed)
+            started = time.perf_counter()
+            try:
+                output = model.generate(**encoded, **generate_kwargs)
+            except (RuntimeError, ValueError) as error:
+                raise GenerationError(f"{self.model_id} failed to generate: {error}") from error
+            latency_ms = (time.perf_counter() - started) * 1000.0
+
+        new_tokens = output[:, encoded["input_ids"].shape[1] :].tolist()
+        eos = set(self._eos_ids)
+        completions = []
+        for row, tokens in enumerate(new_tokens):
+            end = next((position for position, token in enumerate(tokens) if token in eos), None)
+            body = tokens if end is None else tokens[:end]
+            completions.append(
+                Completion(
+                    # Special tokens are kept so cleaning can cut at a role token the model emitted mid-text.
+                    text=tokenizer.decode(body, skip_special_tokens=False),
+                    prompt_tokens=int(prompt_lengths[row]),
+                    completion_tokens=len(tokens) if end is None else end + 1,
+                    hit_token_limit=end is None,
+                    latency_ms=latency_ms,
+                )
+            )
+        return completions
+
+
+def _validate_request(request: GenerationRequest) -> None:
+    if request.n < 1:
+        raise GenerationError(f"n must be at least 1, got {request.n}")
+    if not request.opinions:
+        raise GenerationError("a generation request needs at least one opinion")
