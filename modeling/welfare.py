@@ -32,8 +32,9 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -92,9 +93,7 @@ def _as_matrix(scores: Sequence[Sequence[float]] | np.ndarray) -> FloatMatrix:
             if width == 0:
                 raise ValueError("scores has no candidates: each participant needs at least one score")
         elif len(row) != width:
-            raise ValueError(
-                f"scores is ragged: participant 0 has {width} scores but participant {p} has {len(row)}"
-            )
+            raise ValueError(f"scores is ragged: participant 0 has {width} scores but participant {p} has {len(row)}")
         values: list[float] = []
         for c, value in enumerate(row):
             # bool is a Real subclass, but True/False as a Likert score is a caller bug.
@@ -123,8 +122,7 @@ def _require_positive(matrix: FloatMatrix, method: str) -> None:
     if (matrix <= 0).any():
         p, c = (int(i) for i in np.argwhere(matrix <= 0)[0])
         raise ValueError(
-            f"{method} welfare needs positive scores (the Likert scale starts at 1); "
-            f"scores[{p}][{c}] = {matrix[p, c]}"
+            f"{method} welfare needs positive scores (the Likert scale starts at 1); scores[{p}][{c}] = {matrix[p, c]}"
         )
 
 
@@ -396,9 +394,7 @@ def describe_choice(
     candidate_name = (lambda c: candidate_labels[c]) if candidate_labels is not None else (lambda c: c)
     participant_name = (lambda p: participant_labels[p]) if participant_labels is not None else (lambda p: p)
     if matrix.shape[1] != len(result.welfare):
-        raise ValueError(
-            f"scores have {matrix.shape[1]} candidates but the result ranks {len(result.welfare)}"
-        )
+        raise ValueError(f"scores have {matrix.shape[1]} candidates but the result ranks {len(result.welfare)}")
     winner = result.ranking[0]
     runner_up = result.ranking[1] if len(result.ranking) > 1 else None
     column = matrix[:, winner]
@@ -418,9 +414,10 @@ def describe_choice(
     sentences[0] += "."
     if result.winner_decided_by_tie_break:
         sentences.append(f"Its welfare was tied; the '{result.tie_break}' tie-break chose it.")
+    worst_score = _format(float(column[worst_off]))
     sentences.append(
         f"Mean predicted agreement {_format(math.fsum(column) / len(column))}; "
-        f"the worst-off member (participant {participant_name(worst_off)}) is predicted at {_format(float(column[worst_off]))} of 7."
+        f"the worst-off member (participant {participant_name(worst_off)}) is predicted at {worst_score} of 7."
     )
     if runner_up is not None:
         sentences.append(
@@ -429,9 +426,11 @@ def describe_choice(
         )
         if result.method == "schulze":
             tables = schulze_tables(matrix)
+            forward = int(tables.strength[winner, runner_up])
+            backward = int(tables.strength[runner_up, winner])
+            first, second = candidate_name(winner), candidate_name(runner_up)
             sentences.append(
-                f"Strongest path {candidate_name(winner)}->{candidate_name(runner_up)} has strength {int(tables.strength[winner, runner_up])}, "
-                f"{candidate_name(runner_up)}->{candidate_name(winner)} has {int(tables.strength[runner_up, winner])}."
+                f"Strongest path {first}->{second} has strength {forward}, {second}->{first} has {backward}."
             )
     return ChoiceExplanation(
         method=result.method,

@@ -9,7 +9,8 @@ several threads: they serialise their own forward passes).
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .base import RewardModel
 
@@ -17,8 +18,14 @@ RewardModelFactory = Callable[..., RewardModel]
 
 
 def _build_similarity(
-    *, embedding_model: str, version_path: str | None, device: str, question_aware: bool = False,
-    low: float | None = None, high: float | None = None, allow_hub: bool = False,
+    *,
+    embedding_model: str,
+    version_path: str | None,
+    device: str,
+    question_aware: bool = False,
+    low: float | None = None,
+    high: float | None = None,
+    allow_hub: bool = False,
 ) -> RewardModel:
     from .similarity import SimilarityConfig, SimilarityRewardModel, get_encoder
 
@@ -26,16 +33,37 @@ def _build_similarity(
     return SimilarityRewardModel(encoder, SimilarityConfig(question_aware=question_aware, low=low, high=high))
 
 
+def _build_cross_encoder(*, embedding_model: str, version_path: str | None, device: str) -> RewardModel:
+    from .cross_encoder import CrossEncoderRewardModel
+
+    if not version_path:
+        raise ValueError(
+            "the cross-encoder reward model needs version_path: the directory of trained weights "
+            "(RewardModelVersion.path; train one with manage.py train_reward_model)"
+        )
+    # embedding_model is ignored: the saved directory holds its own encoder.
+    return CrossEncoderRewardModel.load(version_path, device=device)
+
+
 REWARD_MODELS: dict[str, RewardModelFactory] = {
     "similarity": _build_similarity,
+    "cross-encoder": _build_cross_encoder,
 }
 
 _CACHE: dict[tuple[Any, ...], RewardModel] = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def _cache_key(name: str, embedding_model: str, version_path: str | None, device: str, opts: dict[str, Any]) -> tuple[Any, ...]:
-    return (name, embedding_model, version_path, device, tuple(sorted((key, repr(value)) for key, value in opts.items())))
+def _cache_key(
+    name: str, embedding_model: str, version_path: str | None, device: str, opts: dict[str, Any]
+) -> tuple[Any, ...]:
+    return (
+        name,
+        embedding_model,
+        version_path,
+        device,
+        tuple(sorted((key, repr(value)) for key, value in opts.items())),
+    )
 
 
 def get_reward_model(

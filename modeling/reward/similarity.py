@@ -35,9 +35,9 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -230,7 +230,11 @@ _ENCODERS_LOCK = threading.Lock()
 
 
 def get_encoder(
-    model: str = "all-minilm-l6-v2", *, device: str = "auto", allow_hub: bool = False, max_length: int = DEFAULT_MAX_LENGTH
+    model: str = "all-minilm-l6-v2",
+    *,
+    device: str = "auto",
+    allow_hub: bool = False,
+    max_length: int = DEFAULT_MAX_LENGTH,
 ) -> SentenceEncoder:
     key = (model, device, allow_hub, max_length)
     with _ENCODERS_LOCK:

@@ -28,7 +28,9 @@ likert = st.integers(min_value=2, max_value=14).map(lambda half_points: half_poi
 
 
 @st.composite
-def score_matrices(draw, min_participants: int = 1, max_participants: int = 6, min_candidates: int = 2, max_candidates: int = 6):
+def score_matrices(
+    draw, min_participants: int = 1, max_participants: int = 6, min_candidates: int = 2, max_candidates: int = 6
+):
     participants = draw(st.integers(min_participants, max_participants))
     candidates = draw(st.integers(min_candidates, max_candidates))
     return [[draw(likert) for _ in range(candidates)] for _ in range(participants)]
@@ -103,7 +105,9 @@ def test_isoelastic_special_cases_and_continuity_at_alpha_1():
     assert rank_candidates(SCORES, method="isoelastic", alpha=1.0).welfare == geometric
     assert rank_candidates(SCORES, method="isoelastic", alpha=math.inf).welfare == minimum
     for near_one in (1 - 1e-9, 1 + 1e-9):
-        assert rank_candidates(SCORES, method="isoelastic", alpha=near_one).welfare == pytest.approx(geometric, rel=1e-8)
+        assert rank_candidates(SCORES, method="isoelastic", alpha=near_one).welfare == pytest.approx(
+            geometric, rel=1e-8
+        )
 
 
 @pytest.mark.parametrize("alpha", [50.0, 1e3, 1e6, 1e12, 1e300])
@@ -138,19 +142,48 @@ def test_participant_ballots_are_dense_ranks_with_ties():
 
 SCHULZE_EXAMPLES = [
     pytest.param(
-        [(5, "ACBED"), (5, "ADECB"), (8, "BEDAC"), (3, "CABED"), (7, "CAEBD"), (2, "CBADE"), (7, "DCEBA"), (8, "EBADC")],
+        [
+            (5, "ACBED"),
+            (5, "ADECB"),
+            (8, "BEDAC"),
+            (3, "CABED"),
+            (7, "CAEBD"),
+            (2, "CBADE"),
+            (7, "DCEBA"),
+            (8, "EBADC"),
+        ],
         "ABCDE",
         "EACBD",
         id="wikipedia-45-voters",
     ),
     pytest.param(
-        [(5, "ACBD"), (2, "ACDB"), (3, "ADCB"), (4, "BACD"), (3, "CBDA"), (3, "CDBA"), (1, "DACB"), (5, "DBAC"), (4, "DCBA")],
+        [
+            (5, "ACBD"),
+            (2, "ACDB"),
+            (3, "ADCB"),
+            (4, "BACD"),
+            (3, "CBDA"),
+            (3, "CDBA"),
+            (1, "DACB"),
+            (5, "DBAC"),
+            (4, "DCBA"),
+        ],
         "ABCD",
         "DACB",
         id="schulze-example-2-30-voters",
     ),
     pytest.param(
-        [(3, "ABDEC"), (5, "ADEBC"), (1, "ADECB"), (2, "BADEC"), (2, "BDECA"), (4, "CABDE"), (6, "CBADE"), (2, "DBECA"), (5, "DECAB")],
+        [
+            (3, "ABDEC"),
+            (5, "ADEBC"),
+            (1, "ADECB"),
+            (2, "BADEC"),
+            (2, "BDECA"),
+            (4, "CABDE"),
+            (6, "CBADE"),
+            (2, "DBECA"),
+            (5, "DECAB"),
+        ],
         "ABCDE",
         "BADEC",
         id="schulze-example-3-30-voters",
@@ -246,7 +279,9 @@ STRONG_PARETO_METHODS = ["utilitarian", "nash", "isoelastic", "borda", "schulze"
 
 
 @settings(max_examples=150, deadline=None)
-@given(case=dominance_cases(strict_everywhere=False), method=st.sampled_from(STRONG_PARETO_METHODS), alpha=st.floats(0, 8))
+@given(
+    case=dominance_cases(strict_everywhere=False), method=st.sampled_from(STRONG_PARETO_METHODS), alpha=st.floats(0, 8)
+)
 def test_strong_pareto(case, method, alpha):
     """Weakly better for everyone and strictly for someone -> ranked strictly above."""
     scores, better, worse = case
@@ -275,7 +310,9 @@ def test_weak_pareto_for_every_method(case, method, alpha):
 
 
 @settings(max_examples=150, deadline=None)
-@given(scores=score_matrices(min_participants=2), method=st.sampled_from(METHODS), alpha=st.floats(0, 50), data=st.data())
+@given(
+    scores=score_matrices(min_participants=2), method=st.sampled_from(METHODS), alpha=st.floats(0, 50), data=st.data()
+)
 def test_symmetric_under_participant_permutation(scores, method, alpha, data):
     order = data.draw(st.permutations(range(len(scores))))
     permuted = [scores[p] for p in order]
@@ -327,7 +364,12 @@ def test_ranking_is_a_permutation_consistent_with_welfare(scores, method, alpha)
 
 
 @settings(max_examples=60, deadline=None)
-@given(scores=score_matrices(), method=st.sampled_from(METHODS), tie_break=st.sampled_from(TIE_BREAKS), seed=st.integers(0, 2**32))
+@given(
+    scores=score_matrices(),
+    method=st.sampled_from(METHODS),
+    tie_break=st.sampled_from(TIE_BREAKS),
+    seed=st.integers(0, 2**32),
+)
 def test_every_tie_break_respects_welfare_levels_and_is_seeded(scores, method, tie_break, seed):
     result = rank_candidates(scores, method=method, tie_break=tie_break, seed=seed)
     levels_in_order = [result.levels[c] for c in result.ranking]

@@ -29,7 +29,9 @@ def _load_input(path: str) -> dict[str, Any]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:
-        raise CommandError(f"{path} is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}") from error
+        raise CommandError(
+            f"{path} is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}"
+        ) from error
     if not isinstance(data, dict):
         raise CommandError(f"{path} must hold a JSON object with participants, candidates and scores")
     missing = [key for key in ("participants", "candidates", "scores") if key not in data]
@@ -80,7 +82,9 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--method", choices=list(WELFARE_FUNCTIONS), default="utilitarian")
-        parser.add_argument("--alpha", type=float, default=1.0, help="Inequality aversion for --method isoelastic (>= 0).")
+        parser.add_argument(
+            "--alpha", type=float, default=1.0, help="Inequality aversion for --method isoelastic (>= 0)."
+        )
         parser.add_argument("--tie-break", choices=list(TIE_BREAKS), default="index")
         parser.add_argument("--seed", type=int, default=0, help="Seed for the random and tbrc tie-breaks.")
         parser.add_argument("--input", required=True, help="JSON file: participants, candidates, scores.")

@@ -63,7 +63,9 @@ def test_scores_lie_on_the_likert_scale(model):
     assert all(1.0 <= score <= 7.0 for score in scores)
     # The identical text is a perfect match; unrelated text is near the bottom.
     identical = model.predict([AgreementQuery(STANCE_CASES[0][0], STANCE_CASES[0][1], STANCE_CASES[0][1])])[0]
-    unrelated = model.predict([AgreementQuery(STANCE_CASES[0][0], STANCE_CASES[0][1], "The weather in Lisbon is sunny in July.")])[0]
+    unrelated = model.predict(
+        [AgreementQuery(STANCE_CASES[0][0], STANCE_CASES[0][1], "The weather in Lisbon is sunny in July.")]
+    )[0]
     assert identical == pytest.approx(7.0, abs=1e-4)
     assert unrelated < 3.0
 
@@ -115,7 +117,9 @@ def test_registry_caches_one_model_per_configuration():
 
 def test_registry_is_safe_to_load_from_threads():
     results: list[object] = []
-    threads = [threading.Thread(target=lambda: results.append(get_reward_model("similarity", low=0.0))) for _ in range(4)]
+    threads = [
+        threading.Thread(target=lambda: results.append(get_reward_model("similarity", low=0.0))) for _ in range(4)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
