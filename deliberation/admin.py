@@ -1,7 +1,18 @@
-from django.contrib import admin
+from django.contrib import admin, messages
+from django.urls import reverse
+from django.utils.html import format_html
 
+from . import services
 from .models import (
+    AllowedExternalId,
     Arm,
+    AttentionCheck,
+    DatasetExport,
+    OpinionRating,
+    PageView,
+    PairwisePreference,
+    Release,
+    RoomAssignment,
     Candidate,
     Experiment,
     Opinion,
@@ -41,15 +52,65 @@ class ArmInline(admin.TabularInline):
     extra = 0
 
 
+class AllowListInline(admin.TabularInline):
+    model = AllowedExternalId
+    extra = 0
+    fields = ["external_id", "created_at"]
+    readonly_fields = ["created_at"]
+
+
+def _export_action(fmt: str):
+    def action(modeladmin, request, queryset):
+        for experiment in queryset:
+            try:
+                export = services.dataset_export_request(experiment=experiment, requested_by=request.user, via="admin", format=fmt)
+            except services.ServiceError as error:
+                modeladmin.message_user(request, f"{experiment.slug}: {error}", messages.ERROR)
+                continue
+            url = reverse("exports_page", kwargs={"slug": experiment.slug})
+            modeladmin.message_user(request, format_html('Export {} of {} is being written: <a href="{}">follow it here</a>.', export.pk, experiment.slug, url))
+
+    action.__name__ = f"export_dataset_{fmt}"
+    action.short_description = f"Export dataset ({fmt}, pseudonymised)"
+    return action
+
+
 @admin.register(Experiment)
 class ExperimentAdmin(OwnedByResearcher):
     experiment_path = "pk"
-    list_display = ["name", "slug", "status", "group_size", "owner", "created_at"]
+    list_display = ["name", "slug", "status", "group_size", "owner", "created_at", "researcher_links"]
     list_filter = ["status"]
     search_fields = ["name", "slug"]
     prepopulated_fields = {"slug": ["name"]}
     filter_horizontal = ["questions"]
-    inlines = [ArmInline]
+    inlines = [ArmInline, AllowListInline]
+    actions = [_export_action("csv"), _export_action("jsonl"), _export_action("parquet"), "pause", "resume"]
+    fieldsets = [
+        (None, {"fields": ["name", "slug", "owner", "status", "description", "consent_text"]}),
+        ("Groups and timers", {"fields": ["group_size", "min_group_size", "max_wait_seconds", "opinion_seconds", "rating_seconds", "opinion_min_chars", "opinion_max_chars"]}),
+        ("Questions", {"fields": ["questions", "question_split", "question_topic"], "description": "Attach questions, or leave none attached and draw from the whole bank by split and topic."}),
+        ("Protocols", {"fields": ["rate_opinions", "attention_check", "assignment_seed"]}),
+        ("Participants", {"fields": ["require_allow_list", "completion_code", "completion_url", "release_code"]}),
+    ]
+
+    @admin.display(description="Researcher pages")
+    def researcher_links(self, experiment: Experiment) -> str:
+        return format_html(
+            '<a href="{}">cohort</a> · <a href="{}">analytics</a> · <a href="{}">exports</a>',
+            reverse("cohort_monitor", kwargs={"slug": experiment.slug}),
+            reverse("analytics", kwargs={"slug": experiment.slug}),
+            reverse("exports_page", kwargs={"slug": experiment.slug}),
+        )
+
+    @admin.action(description="Pause (nobody new can join)")
+    def pause(self, request, queryset):
+        for experiment in queryset:
+            services.experiment_pause(experiment=experiment, paused=True)
+
+    @admin.action(description="Resume")
+    def resume(self, request, queryset):
+        for experiment in queryset:
+            services.experiment_pause(experiment=experiment, paused=False)
 
     def get_queryset(self, request):
         queryset = admin.ModelAdmin.get_queryset(self, request)
@@ -58,7 +119,7 @@ class ExperimentAdmin(OwnedByResearcher):
 
 @admin.register(Arm)
 class ArmAdmin(OwnedByResearcher):
-    list_display = ["name", "experiment", "welfare_method", "welfare_alpha", "n_candidates", "k_shown", "reward_model"]
+    list_display = ["name", "experiment", "welfare_method", "welfare_alpha", "n_candidates", "k_shown", "reward_model", "weight", "compare_with", "exclude_one_opinion"]
 
 
 class ParticipantInline(admin.TabularInline):
@@ -130,3 +191,65 @@ class RankingAdmin(OwnedByResearcher):
 @admin.register(RewardModelVersion)
 class RewardModelVersionAdmin(admin.ModelAdmin):
     list_display = ["id", "kind", "base_model", "dataset_sha256", "created_at"]
+
+
+@admin.register(RoomAssignment)
+class RoomAssignmentAdmin(OwnedByResearcher):
+    experiment_path = "room__experiment"
+    list_display = ["room", "method", "seed", "ordinal", "tied_arm_ids", "created_at"]
+
+
+@admin.register(PairwisePreference)
+class PairwisePreferenceAdmin(OwnedByResearcher):
+    experiment_path = "participant__room__experiment"
+    list_display = ["id", "participant", "round", "candidate_a", "candidate_b", "preferred", "created_at"]
+
+
+@admin.register(OpinionRating)
+class OpinionRatingAdmin(OwnedByResearcher):
+    experiment_path = "participant__room__experiment"
+    list_display = ["id", "participant", "opinion", "agreement", "created_at"]
+
+
+@admin.register(AttentionCheck)
+class AttentionCheckAdmin(OwnedByResearcher):
+    experiment_path = "participant__room__experiment"
+    list_display = ["id", "participant", "round", "expected", "answer", "passed", "created_at"]
+    list_filter = ["passed"]
+
+
+@admin.register(Release)
+class ReleaseAdmin(OwnedByResearcher):
+    experiment_path = "participant__room__experiment"
+    list_display = ["id", "participant", "code", "waited_seconds", "created_at"]
+
+
+@admin.register(PageView)
+class PageViewAdmin(OwnedByResearcher):
+    experiment_path = "participant__room__experiment"
+    list_display = ["id", "participant", "round", "view", "phase", "shown_at"]
+    list_filter = ["view"]
+
+
+@admin.register(DatasetExport)
+class DatasetExportAdmin(OwnedByResearcher):
+    """The export audit log: read-only, so nobody can rewrite who exported what."""
+
+    list_display = ["id", "experiment", "requested_by", "requested_via", "format", "include_external_ids", "status", "created_at", "download"]
+    list_filter = ["status", "format", "include_external_ids"]
+    readonly_fields = [f.name for f in DatasetExport._meta.fields]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+    @admin.display(description="File")
+    def download(self, export: DatasetExport) -> str:
+        if export.status != DatasetExport.Status.DONE:
+            return "–"
+        return format_html('<a href="{}">zip</a>', reverse("export_download", kwargs={"export_id": export.pk}))

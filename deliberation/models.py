@@ -10,13 +10,19 @@ import secrets
 from django.conf import settings
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
-from django.db.models import Q
+from django.db.models import F, Q
+from django.utils import timezone
 
 LIKERT = [MinValueValidator(1), MaxValueValidator(7)]
 
 
 def _new_code() -> str:
     return secrets.token_urlsafe(12)
+
+
+def _new_assignment_seed() -> int:
+    # A fresh seed per experiment, recorded on it, so every arm assignment can be reproduced.
+    return secrets.randbits(31)
 
 
 class Question(models.Model):
@@ -76,8 +82,25 @@ class Experiment(models.Model):
     opinion_max_chars = models.PositiveIntegerField(default=1000)
     completion_code = models.CharField(max_length=64, blank=True)
     completion_url = models.URLField(blank=True)
-    assignment_seed = models.BigIntegerField(default=0)
+    assignment_seed = models.BigIntegerField(default=_new_assignment_seed, help_text="Seeds the arm assignment draw (recorded per room).")
     created_at = models.DateTimeField(auto_now_add=True)
+
+    # --- Researchers' design (issue 5) ---
+    # Questions are drawn from the attached questions or, if none are attached, from the whole
+    # bank, narrowed by split and topic: this is how iid and ood evaluations are run.
+    question_split = models.CharField(max_length=32, blank=True, help_text="Draw only questions of this split (blank: any).")
+    question_topic = models.CharField(max_length=200, blank=True, help_text="Draw only questions of this topic (blank: any).")
+    max_wait_seconds = models.PositiveIntegerField(
+        default=0,
+        help_text="Longest wait for a group to fill. Then the round starts with fewer people (at least the minimum "
+        "group size) or the waiting participants are released with a code. 0: wait for a full group.",
+    )
+    release_code = models.CharField(max_length=64, blank=True, help_text="Code given to released participants (blank: derived per person).")
+    require_allow_list = models.BooleanField(default=False, help_text="Only external ids on the allow-list may join.")
+    attention_check = models.BooleanField(default=False, help_text="Add an instructed-response item to the rating page.")
+    rate_opinions = models.BooleanField(
+        default=False, help_text="Participants also rate the other members' anonymised opinions (best-human-opinion protocol)."
+    )
 
     def __str__(self) -> str:
         return self.name
@@ -104,13 +127,33 @@ class Arm(models.Model):
     welfare_alpha = models.FloatField(default=1.0, validators=[MinValueValidator(0.0)])
     n_candidates = models.PositiveSmallIntegerField(default=16, validators=[MinValueValidator(1), MaxValueValidator(64)])
     k_shown = models.PositiveSmallIntegerField(default=4, validators=[MinValueValidator(1), MaxValueValidator(16)])
-    weight = models.PositiveSmallIntegerField(default=1)
+    weight = models.PositiveSmallIntegerField(default=1, help_text="Relative share of groups; 0: never assigned to groups.")
+    # Protocol (a), head-to-head: rounds of this arm also run the compared arm's configuration and
+    # show statements from both side by side, for pairwise preferences.
+    compare_with = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.PROTECT, related_name="compared_in",
+        help_text="Head-to-head: also generate with this arm's configuration and show statements from both.",
+    )
+    # Protocol (c), exclusion ablation: one participant's opinion is silently left out of
+    # generation and ranking; Round.excluded_participant records whose.
+    exclude_one_opinion = models.BooleanField(default=False, help_text="Silently leave one participant's opinion out of generation.")
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["experiment", "name"], name="arm_unique_name")]
 
     def __str__(self) -> str:
         return f"{self.experiment.slug}/{self.name}"
+
+    def clean(self) -> None:
+        from django.core.exceptions import ValidationError
+
+        if self.compare_with_id is not None:
+            if self.compare_with_id == self.pk:
+                raise ValidationError({"compare_with": "An arm cannot be compared with itself."})
+            if self.compare_with.experiment_id != self.experiment_id:
+                raise ValidationError({"compare_with": "The compared arm must belong to the same experiment."})
+            if self.k_shown < 2:
+                raise ValidationError({"k_shown": "Head-to-head needs at least 2 shown statements (one from each arm)."})
 
 
 class Room(models.Model):
@@ -190,6 +233,10 @@ class Round(models.Model):
     mediation_attempts = models.PositiveSmallIntegerField(default=0)
     mediation_error = models.TextField(blank=True)
     seed = models.BigIntegerField(default=0)
+    # Exclusion ablation: whose opinion was left out of generation and ranking (null: nobody's).
+    excluded_participant = models.ForeignKey(
+        "Participant", null=True, blank=True, on_delete=models.SET_NULL, related_name="excluded_from_rounds"
+    )
 
     class Meta:
         ordering = ["room_id", "index"]
@@ -229,6 +276,9 @@ class Candidate(models.Model):
     rank = models.PositiveSmallIntegerField(null=True, blank=True)  # 1 = best under the arm's welfare
     shown = models.BooleanField(default=False)
     created_at = models.DateTimeField(auto_now_add=True)
+    # The arm whose configuration wrote and ranked it: the room's arm, or in a head-to-head round
+    # possibly the compared arm. Rank and shown are within this source.
+    source_arm = models.ForeignKey(Arm, null=True, blank=True, on_delete=models.PROTECT, related_name="sourced_candidates")
 
     class Meta:
         ordering = ["round_id", "index"]
@@ -287,3 +337,142 @@ class Ranking(models.Model):
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["participant", "round"], name="ranking_one_per_round")]
+
+
+# --- Experiments, cohorts and datasets (researchers) -----------------------------------------------
+
+
+class RoomAssignment(models.Model):
+    """How a room's arm was drawn: enough to reproduce the draw from the experiment's seed."""
+
+    room = models.OneToOneField(Room, on_delete=models.CASCADE, related_name="assignment")
+    method = models.CharField(max_length=20)  # "balanced" (seeded draw) or "given" (chosen by a researcher or test)
+    seed = models.BigIntegerField()
+    ordinal = models.PositiveIntegerField()  # rooms of the experiment created before this one
+    # Rooms per arm before the draw, and the arms tied for fewest (weighted), ids as strings.
+    counts = models.JSONField(default=dict)
+    tied_arm_ids = models.JSONField(default=list)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+
+class PairwisePreference(models.Model):
+    """Protocol (a): a participant's preference between two shown statements from different arms."""
+
+    participant = models.ForeignKey(Participant, on_delete=models.CASCADE, related_name="preferences")
+    round = models.ForeignKey(Round, on_delete=models.CASCADE, related_name="preferences")
+    # Stored with candidate_a_id < candidate_b_id, so a pair has one row whichever way it was shown.
+    candidate_a = models.ForeignKey(Candidate, on_delete=models.CASCADE, related_name="+")
+    candidate_b = models.ForeignKey(Candidate, on_delete=models.CASCADE, related_name="+")
+    preferred = models.ForeignKey(Candidate, on_delete=models.CASCADE, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["id"]
+        constraints = [
+            models.UniqueConstraint(fields=["participant", "candidate_a", "candidate_b"], name="preference_one_per_pair"),
+            models.CheckConstraint(condition=Q(candidate_a__lt=F("candidate_b")), name="preference_pair_ordered"),
+            models.CheckConstraint(
+                condition=Q(preferred=F("candidate_a")) | Q(preferred=F("candidate_b")), name="preference_is_one_of_pair"
+            ),
+        ]
+
+
+class OpinionRating(models.Model):
+    """Protocol (b): a participant's agreement with another member's (anonymised) opinion."""
+
+    participant = models.ForeignKey(Participant, on_delete=models.CASCADE, related_name="opinion_ratings")
+    opinion = models.ForeignKey(Opinion, on_delete=models.CASCADE, related_name="ratings")
+    agreement = models.PositiveSmallIntegerField(validators=LIKERT)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["id"]
+        constraints = [
+            models.UniqueConstraint(fields=["participant", "opinion"], name="opinion_rating_one_per_pair"),
+            models.CheckConstraint(condition=Q(agreement__gte=1, agreement__lte=7), name="opinion_rating_likert"),
+        ]
+
+
+class AttentionCheck(models.Model):
+    """An instructed-response item: the participant was asked to pick `expected`."""
+
+    participant = models.ForeignKey(Participant, on_delete=models.CASCADE, related_name="attention_checks")
+    round = models.ForeignKey(Round, on_delete=models.CASCADE, related_name="attention_checks")
+    expected = models.PositiveSmallIntegerField(validators=LIKERT)
+    answer = models.PositiveSmallIntegerField(validators=LIKERT)
+    passed = models.BooleanField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["participant", "round"], name="attention_check_one_per_round")]
+
+
+class AllowedExternalId(models.Model):
+    """The allow-list of an experiment: external ids (e.g. Prolific PIDs) that may join."""
+
+    experiment = models.ForeignKey(Experiment, on_delete=models.CASCADE, related_name="allowed_external_ids")
+    external_id = models.CharField(max_length=200)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["experiment", "external_id"], name="allow_list_unique_id")]
+
+
+class Release(models.Model):
+    """A participant released without a group after the maximum wait, with the code they were given."""
+
+    participant = models.OneToOneField(Participant, on_delete=models.CASCADE, related_name="release")
+    code = models.CharField(max_length=64)
+    waited_seconds = models.FloatField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+
+class PageView(models.Model):
+    """A screen a participant was shown, and when: page timings come from consecutive rows."""
+
+    participant = models.ForeignKey(Participant, on_delete=models.CASCADE, related_name="page_views")
+    round = models.ForeignKey(Round, null=True, blank=True, on_delete=models.CASCADE, related_name="page_views")
+    view = models.CharField(max_length=32)  # ParticipantState.view: waiting, opinions, rating, done, ...
+    phase = models.CharField(max_length=16, blank=True)
+    shown_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["participant_id", "shown_at", "id"]
+
+
+class DatasetExport(models.Model):
+    """The audit log of dataset exports: who exported what, when, with which flags, and how it went."""
+
+    class Format(models.TextChoices):
+        CSV = "csv", "CSV"
+        PARQUET = "parquet", "Parquet"
+        JSONL = "jsonl", "JSON lines"
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "Pending"
+        RUNNING = "running", "Running"
+        DONE = "done", "Done"
+        FAILED = "failed", "Failed"
+
+    experiment = models.ForeignKey(Experiment, on_delete=models.CASCADE, related_name="exports")
+    requested_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    requested_via = models.CharField(max_length=20)  # "command", "admin" or "web"
+    format = models.CharField(max_length=16, choices=Format.choices)
+    include_external_ids = models.BooleanField(default=False)
+    out_dir = models.CharField(max_length=500)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    progress_done = models.PositiveIntegerField(default=0)
+    progress_total = models.PositiveIntegerField(default=0)
+    row_counts = models.JSONField(default=dict, blank=True)
+    path = models.CharField(max_length=700, blank=True)
+    sha256 = models.CharField(max_length=64, blank=True)
+    error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"Export {self.pk} of {self.experiment.slug} ({self.format}, {self.status})"

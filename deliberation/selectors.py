@@ -3,24 +3,42 @@
 from __future__ import annotations
 
 import hashlib
+import random
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
-from django.db.models import QuerySet
+from django.db.models import Count, Q, QuerySet
+from django.utils import timezone
 
 from .models import (
+    AttentionCheck,
     Candidate,
+    DatasetExport,
     Experiment,
     Opinion,
+    OpinionRating,
+    PairwisePreference,
     Participant,
     PredictedAgreement,
     Presentation,
     Ranking,
     Rating,
+    Release,
     Room,
     Round,
 )
+
+LIKERT_LABELS = {
+    1: "Strongly disagree",
+    2: "Disagree",
+    3: "Somewhat disagree",
+    4: "Neither agree nor disagree",
+    5: "Somewhat agree",
+    6: "Agree",
+    7: "Strongly agree",
+}
 
 
 @dataclass
@@ -43,6 +61,25 @@ class StatementRow:
 
 
 @dataclass
+class PreferenceRow:
+    """A head-to-head pair, named by the positions the participant saw the statements at."""
+
+    candidate_a_id: int
+    candidate_b_id: int
+    position_a: int
+    position_b: int
+    preferred_id: int | None
+
+
+@dataclass
+class OpinionRow:
+    opinion_id: int
+    position: int
+    text: str
+    agreement: int | None
+
+
+@dataclass
 class ParticipantState:
     participant: Participant
     room: Room
@@ -56,14 +93,32 @@ class ParticipantState:
     statements: list[StatementRow] = field(default_factory=list)
     ranking: Ranking | None = None
     completion_code: str = ""
+    preferences: list[PreferenceRow] = field(default_factory=list)
+    opinions_to_rate: list[OpinionRow] = field(default_factory=list)
+    attention_expected: int | None = None  # None: no attention item in this study
+    attention_answered: bool = False
+    released: bool = False
+
+    @property
+    def attention_label(self) -> str:
+        return LIKERT_LABELS.get(self.attention_expected or 0, "")
 
     @property
     def all_rated(self) -> bool:
-        return bool(self.statements) and all(s.agreement is not None for s in self.statements)
+        """Everything asked on the rating page is answered, so the final ranking may be given."""
+        return (
+            bool(self.statements)
+            and all(s.agreement is not None for s in self.statements)
+            and all(p.preferred_id is not None for p in self.preferences)
+            and all(o.agreement is not None for o in self.opinions_to_rate)
+            and (self.attention_expected is None or self.attention_answered)
+        )
 
     @property
     def view(self) -> str:
         """Which screen the participant sees: the round's phase, refined by what they have done."""
+        if self.released:
+            return "released"
         if self.participant.finished_at is not None or self.round.phase == Round.Phase.DONE:
             return "done"
         if self.participant.dropped_out_at is not None:
@@ -77,7 +132,12 @@ class ParticipantState:
     def main_key(self) -> str:
         """Changes exactly when the participant's form area must be re-rendered."""
         rated = ",".join(f"{s.candidate_id}:{s.agreement}:{s.quality}" for s in self.statements)
-        return f"{self.round.pk}:{self.view}:{rated}:{self.ranking.pk if self.ranking else ''}"
+        preferred = ",".join(str(p.preferred_id) for p in self.preferences)
+        opinions = ",".join(str(o.agreement) for o in self.opinions_to_rate)
+        return (
+            f"{self.round.pk}:{self.view}:{rated}:{preferred}:{opinions}:{self.attention_answered}:"
+            f"{self.ranking.pk if self.ranking else ''}"
+        )
 
 
 def participant_by_code(code: str) -> Participant | None:
@@ -89,6 +149,9 @@ def participant_by_code(code: str) -> Participant | None:
 
 
 def completion_code_for(participant: Participant) -> str:
+    release = Release.objects.filter(participant=participant).first()
+    if release is not None:
+        return release.code
     experiment = participant.room.experiment
     if experiment.completion_code:
         return experiment.completion_code
@@ -142,9 +205,93 @@ def room_state_for(participant: Participant) -> ParticipantState:
                 )
             )
         state.ranking = Ranking.objects.filter(participant=participant, round=round_).first()
+        _add_protocol_items(state)
+    # A release ends the round, so only a finished round can have one (saves a query per render).
+    state.released = round_.phase == Round.Phase.DONE and Release.objects.filter(participant=participant).exists()
     if participant.finished_at is not None or round_.phase == Round.Phase.DONE:
         state.completion_code = completion_code_for(participant)
     return state
+
+
+def _participant_draw(round_: Round, participant: Participant, purpose: str) -> random.Random:
+    # Deterministic per participant and round, so what they were shown can be reproduced.
+    digest = hashlib.sha256(f"{round_.seed}:{participant.pk}:{purpose}".encode()).hexdigest()
+    return random.Random(int(digest[:16], 16))
+
+
+def preference_pairs(*, participant: Participant, round_: Round) -> list[tuple[int, int]]:
+    """Head-to-head pairs: each shown statement paired with each shown statement of the other arm, in the order seen."""
+    presented = list(
+        Presentation.objects.filter(participant=participant, candidate__round=round_)
+        .order_by("position")
+        .values_list("candidate_id", "candidate__source_arm_id")
+    )
+    return [
+        (first_id, second_id)
+        for i, (first_id, first_arm) in enumerate(presented)
+        for second_id, second_arm in presented[i + 1 :]
+        if first_arm is not None and second_arm is not None and first_arm != second_arm
+    ]
+
+
+def opinions_to_rate(*, participant: Participant, round_: Round) -> list[Opinion]:
+    """The other members' opinions, in an order of the participant's own (their authors are not shown)."""
+    if not participant.room.experiment.rate_opinions:
+        return []
+    others = list(round_.opinions.exclude(participant=participant).order_by("id"))
+    _participant_draw(round_, participant, "opinions").shuffle(others)
+    return others
+
+
+def attention_expected(*, participant: Participant, round_: Round) -> int:
+    """The answer the instructed-response item asks this participant to pick (never the midpoint)."""
+    return _participant_draw(round_, participant, "attention").choice([1, 2, 3, 5, 6, 7])
+
+
+@dataclass
+class ProtocolTodo:
+    preference_pairs: list[tuple[int, int]]
+    opinion_ids: list[int]
+    attention_check: bool
+
+
+def protocol_todo(*, participant: Participant, round_: Round) -> ProtocolTodo:
+    """What the participant still has to answer on the rating page, beyond rating the statements."""
+    done_pairs = set(PairwisePreference.objects.filter(participant=participant, round=round_).values_list("candidate_a_id", "candidate_b_id"))
+    rated_opinions = set(OpinionRating.objects.filter(participant=participant).values_list("opinion_id", flat=True))
+    return ProtocolTodo(
+        preference_pairs=[pair for pair in preference_pairs(participant=participant, round_=round_) if tuple(sorted(pair)) not in done_pairs],
+        opinion_ids=[o.pk for o in opinions_to_rate(participant=participant, round_=round_) if o.pk not in rated_opinions],
+        attention_check=participant.room.experiment.attention_check
+        and not AttentionCheck.objects.filter(participant=participant, round=round_).exists(),
+    )
+
+
+def _add_protocol_items(state: ParticipantState) -> None:
+    participant, round_ = state.participant, state.round
+    if not state.statements:
+        return  # not a rater in this round
+    position_of = {s.candidate_id: s.position for s in state.statements}
+    chosen = {
+        (p.candidate_a_id, p.candidate_b_id): p.preferred_id
+        for p in PairwisePreference.objects.filter(participant=participant, round=round_)
+    }
+    for first, second in preference_pairs(participant=participant, round_=round_):
+        state.preferences.append(
+            PreferenceRow(
+                candidate_a_id=first,
+                candidate_b_id=second,
+                position_a=position_of[first],
+                position_b=position_of[second],
+                preferred_id=chosen.get(tuple(sorted((first, second)))),
+            )
+        )
+    given = dict(OpinionRating.objects.filter(participant=participant, opinion__round=round_).values_list("opinion_id", "agreement"))
+    for position, opinion in enumerate(opinions_to_rate(participant=participant, round_=round_), start=1):
+        state.opinions_to_rate.append(OpinionRow(opinion_id=opinion.pk, position=position, text=opinion.text, agreement=given.get(opinion.pk)))
+    if state.experiment.attention_check:
+        state.attention_expected = attention_expected(participant=participant, round_=round_)
+        state.attention_answered = AttentionCheck.objects.filter(participant=participant, round=round_).exists()
 
 
 # --- Researchers -------------------------------------------------------------------
@@ -227,3 +374,75 @@ def _why_it_won(rows: list[MonitorCandidate], method: str) -> str:
 
 def rooms_for_experiment(experiment: Experiment) -> QuerySet[Room]:
     return experiment.rooms.select_related("arm", "question").prefetch_related("rounds").order_by("-id")
+
+
+# --- Researchers: cohorts and exports ------------------------------------------------
+
+
+@dataclass
+class CohortRoom:
+    room: Room
+    round: Round
+    joined: int
+    connected: int
+    opinions: int
+    finished: int
+    dropped: int
+    released: int
+    waiting_seconds: float | None  # how long a forming group has waited so far
+
+
+@dataclass
+class CohortState:
+    experiment: Experiment
+    rooms: list[CohortRoom]
+    totals: dict[str, int]
+    generated_at: datetime
+
+
+def cohort_state(experiment: Experiment) -> CohortState:
+    """Every room of an experiment at a glance, for the live cohort monitor."""
+    experiment = Experiment.objects.get(pk=experiment.pk)
+    now = timezone.now()
+    rooms = (
+        experiment.rooms.select_related("arm", "question")
+        .annotate(
+            joined=Count("participants", distinct=True),
+            connected=Count("participants", filter=Q(participants__connections__gt=0), distinct=True),
+            finished=Count("participants", filter=Q(participants__finished_at__isnull=False), distinct=True),
+            dropped=Count("participants", filter=Q(participants__dropped_out_at__isnull=False), distinct=True),
+            released=Count("participants", filter=Q(participants__release__isnull=False), distinct=True),
+        )
+        .order_by("-id")
+    )
+    rounds = {r.room_id: r for r in Round.objects.filter(room__experiment=experiment, index=0).annotate(n_opinions=Count("opinions"))}
+    rows = []
+    for room in rooms:
+        round_ = rounds[room.pk]
+        rows.append(
+            CohortRoom(
+                room=room, round=round_, joined=room.joined, connected=room.connected, opinions=round_.n_opinions,
+                finished=room.finished, dropped=room.dropped, released=room.released,
+                waiting_seconds=(now - room.created_at).total_seconds() if round_.phase == Round.Phase.WAITING else None,
+            )
+        )
+    totals = {
+        "rooms": len(rows),
+        "waiting": sum(1 for r in rows if r.round.phase == Round.Phase.WAITING),
+        "running": sum(1 for r in rows if r.round.phase not in (Round.Phase.WAITING, Round.Phase.DONE)),
+        "done": sum(1 for r in rows if r.round.phase == Round.Phase.DONE),
+        "participants": sum(r.joined for r in rows),
+        "connected": sum(r.connected for r in rows),
+        "finished": sum(r.finished for r in rows),
+        "dropped": sum(r.dropped for r in rows),
+        "released": sum(r.released for r in rows),
+    }
+    return CohortState(experiment=experiment, rooms=rows, totals=totals, generated_at=now)
+
+
+def exports_for(experiment: Experiment) -> QuerySet[DatasetExport]:
+    return DatasetExport.objects.filter(experiment=experiment).select_related("requested_by").order_by("-created_at", "-id")
+
+
+def export_visible_to(user: AbstractBaseUser | AnonymousUser, export_id: int) -> DatasetExport | None:
+    return DatasetExport.objects.filter(pk=export_id, experiment__in=experiments_for(user)).select_related("experiment").first()

@@ -8,32 +8,46 @@ enqueues its tasks only after commit.
 from __future__ import annotations
 
 import hashlib
+import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Sequence
+from fractions import Fraction
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Sequence
 
+from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import Count, F
 from django.utils import timezone
 
-from . import events
+from . import events, selectors
 from .models import (
+    AllowedExternalId,
     Arm,
+    AttentionCheck,
     Candidate,
+    DatasetExport,
     Experiment,
     Opinion,
+    OpinionRating,
+    PageView,
+    PairwisePreference,
     Participant,
     PredictedAgreement,
     Presentation,
     Question,
     Ranking,
     Rating,
+    Release,
     Room,
+    RoomAssignment,
     Round,
 )
 
 if TYPE_CHECKING:
+    from django.contrib.auth.models import AbstractBaseUser
+
     from modeling.pipeline import MediationResult
 
 # Enough to show a stable alphabet of anonymous names in a room of up to 8.
@@ -60,35 +74,93 @@ class InvalidInput(ServiceError):
 # --- Joining ---------------------------------------------------------------------
 
 
-def _choose_arm(*, experiment: Experiment) -> Arm:
-    """Balanced assignment: the arm with the fewest rooms so far, ties broken by a seeded draw."""
-    arms = list(experiment.arms.annotate(room_count=Count("rooms")).order_by("id"))
+@dataclass(frozen=True)
+class ArmDraw:
+    """One balanced, seeded arm assignment, with what is needed to reproduce it."""
+
+    arm: Arm
+    seed: int
+    ordinal: int
+    counts: dict[str, int]
+    tied_arm_ids: list[int]
+
+
+def _draw_arm(*, experiment: Experiment) -> ArmDraw:
+    """Balanced assignment: the arm furthest below its weighted share of rooms, ties broken by a seeded draw.
+
+    Arms with weight 0 are never assigned (for example an arm used only as a head-to-head opponent).
+    The draw for the n-th room depends only on the experiment's seed, n and the counts so far, so the
+    whole sequence can be replayed from the recorded seed.
+    """
+    arms = list(experiment.arms.filter(weight__gt=0).annotate(room_count=Count("rooms")).order_by("id"))
     if not arms:
         raise JoinRefused("This study is not set up yet: it has no conditions.")
-    fewest = min(arm.room_count / max(arm.weight, 1) for arm in arms)
-    tied = [arm for arm in arms if arm.room_count / max(arm.weight, 1) == fewest]
-    rooms_so_far = experiment.rooms.count()
-    rng = random.Random(f"{experiment.assignment_seed}:{rooms_so_far}")
-    return rng.choice(tied)
+    # Exact fractions: comparing room_count / weight as floats could split a tie that is one.
+    share = {arm.pk: Fraction(arm.room_count, arm.weight) for arm in arms}
+    fewest = min(share.values())
+    tied = [arm for arm in arms if share[arm.pk] == fewest]
+    ordinal = experiment.rooms.count()
+    # random.Random seeded with a str hashes it with SHA-512: the same in every process.
+    rng = random.Random(f"{experiment.assignment_seed}:{ordinal}")
+    return ArmDraw(
+        arm=rng.choice(tied),
+        seed=experiment.assignment_seed,
+        ordinal=ordinal,
+        counts={str(arm.pk): arm.room_count for arm in arms},
+        tied_arm_ids=[arm.pk for arm in tied],
+    )
+
+
+def _choose_arm(*, experiment: Experiment) -> Arm:
+    return _draw_arm(experiment=experiment).arm
+
+
+def question_pool(*, experiment: Experiment):
+    """The questions an experiment draws from: its attached ones or, if none are attached and a split
+    or topic filter is set, the whole bank; either way narrowed by the split and topic filters."""
+    if experiment.questions.exists():
+        pool = experiment.questions.all()
+    elif experiment.question_split or experiment.question_topic:
+        pool = Question.objects.all()
+    else:
+        return Question.objects.none()
+    if experiment.question_split:
+        pool = pool.filter(split=experiment.question_split)
+    if experiment.question_topic:
+        pool = pool.filter(topic=experiment.question_topic)
+    return pool.order_by("id")
 
 
 def _choose_question(*, experiment: Experiment) -> Question:
-    questions = list(experiment.questions.order_by("id"))
-    if not questions:
+    question_ids = list(question_pool(experiment=experiment).values_list("id", flat=True))
+    if not question_ids:
         raise JoinRefused("This study is not set up yet: it has no questions.")
-    # Rotate through the experiment's questions so each is discussed by some group.
-    return questions[experiment.rooms.count() % len(questions)]
+    # Every question once before any twice, in an order drawn from the recorded seed.
+    random.Random(f"{experiment.assignment_seed}:questions").shuffle(question_ids)
+    return Question.objects.get(pk=question_ids[experiment.rooms.count() % len(question_ids)])
 
 
 def room_create(*, experiment: Experiment, arm: Arm | None = None, question: Question | None = None) -> Room:
     with transaction.atomic():
+        draw = None if arm is not None else _draw_arm(experiment=experiment)
+        ordinal = experiment.rooms.count()
         room = Room.objects.create(
             experiment=experiment,
-            arm=arm or _choose_arm(experiment=experiment),
+            arm=arm if arm is not None else draw.arm,
             question=question or _choose_question(experiment=experiment),
             capacity=experiment.group_size,
         )
+        RoomAssignment.objects.create(
+            room=room,
+            method="balanced" if draw is not None else "given",
+            seed=experiment.assignment_seed,
+            ordinal=ordinal,
+            counts=draw.counts if draw is not None else {},
+            tied_arm_ids=draw.tied_arm_ids if draw is not None else [],
+        )
         Round.objects.create(room=room, index=0, seed=random.Random(f"{experiment.assignment_seed}:{room.pk}").getrandbits(31))
+        if experiment.max_wait_seconds:
+            _schedule_wait_deadline(room_id=room.pk, seconds=experiment.max_wait_seconds)
     return room
 
 
@@ -112,6 +184,13 @@ def participant_join(*, experiment: Experiment, external_id: str = "", room: Roo
     with transaction.atomic():
         # Serialise joins per experiment, so two arrivals cannot both take the last seat.
         experiment = Experiment.objects.select_for_update().get(pk=experiment.pk)
+        if experiment.require_allow_list and not (
+            external_id and AllowedExternalId.objects.filter(experiment=experiment, external_id=external_id).exists()
+        ):
+            raise JoinRefused(
+                "This study is open only to invited participants, and your participant id is not on its list. "
+                "Please open the study from the link your recruitment panel gave you."
+            )
         if external_id:
             existing = (
                 Participant.objects.filter(room__experiment=experiment, external_id=external_id)
@@ -185,6 +264,45 @@ def _schedule_deadline(*, round_id: int, phase: str, seconds: float) -> None:
     transaction.on_commit(lambda: enqueue(round_deadline, args=[round_id, phase], countdown=seconds + 0.5))
 
 
+def _schedule_wait_deadline(*, room_id: int, seconds: float) -> None:
+    from .dispatch import enqueue
+    from .tasks import room_wait_deadline
+
+    transaction.on_commit(lambda: enqueue(room_wait_deadline, args=[room_id], countdown=seconds + 0.5))
+
+
+def release_code_for(participant: Participant) -> str:
+    experiment = participant.room.experiment
+    if experiment.release_code:
+        return experiment.release_code
+    digest = hashlib.sha256(f"{settings.SECRET_KEY}:release:{participant.code}".encode()).hexdigest()
+    return f"R{digest[:8].upper()}"
+
+
+def room_wait_deadline_fire(*, room_id: int) -> str:
+    """The maximum wait for a forming group ran out: start with fewer people, or release them with a code.
+
+    Checked against the database, so a late, early or duplicate timer does nothing.
+    """
+    with transaction.atomic():
+        room = Room.objects.select_for_update().select_related("experiment").get(pk=room_id)
+        experiment = room.experiment
+        round_ = Round.objects.select_for_update().get(room=room, index=0)
+        if room.status != Room.Status.OPEN or round_.phase != Round.Phase.WAITING:
+            return "stale"
+        waited = (timezone.now() - room.created_at).total_seconds()
+        if not experiment.max_wait_seconds or waited < experiment.max_wait_seconds:
+            return "early"
+        members = list(room.participants.order_by("id"))
+        if len(members) >= max(experiment.min_group_size, MIN_OPINIONS_FOR_MEDIATION):
+            _round_open_opinions(round_=round_)
+            return "started"
+        for participant in members:
+            Release.objects.create(participant=participant, code=release_code_for(participant), waited_seconds=waited)
+        _round_finish(round_=round_, outcome=Round.Outcome.ABANDONED)
+        return "released"
+
+
 def _round_open_opinions(*, round_: Round) -> None:
     if round_.phase != Round.Phase.WAITING:
         return
@@ -220,7 +338,7 @@ def _begin_mediation(*, round_: Round) -> None:
     round_.mediation_started_at = timezone.now()
     round_.progress_stage = "queued"
     round_.progress_done = 0
-    round_.progress_total = round_.room.arm.n_candidates
+    round_.progress_total = sum(arm.n_candidates for arm in mediation_arms(round_.room.arm))
     _set_phase(round_=round_, phase=Round.Phase.MEDIATING, deadline_seconds=None)
     round_id = round_.pk
     transaction.on_commit(lambda: enqueue(mediate_round, args=[round_id]))
@@ -306,35 +424,64 @@ def _round_finish(*, round_: Round, outcome: str) -> None:
 # --- Mediation ---------------------------------------------------------------------
 
 
+def mediation_arms(arm: Arm) -> list[Arm]:
+    """The configurations a round of this arm runs: its own, then (head-to-head) the compared arm's."""
+    return [arm, arm.compare_with] if arm.compare_with_id else [arm]
+
+
 @dataclass(frozen=True)
 class MediationInput:
     round_id: int
     question: str
+    # Whose opinions go into generation and ranking, in this order (the excluded member is not here).
     participant_ids: list[int]
     opinions: list[str]
     seed: int
     arm_id: int
+    # Who rates the statements: every member with an opinion, the excluded one included.
+    rater_ids: list[int] = field(default_factory=list)
+    # Arm ids whose configurations generate: the room's arm first, then a head-to-head opponent.
+    source_arm_ids: list[int] = field(default_factory=list)
+    excluded_participant_id: int | None = None
+
+    def seed_for(self, source_arm_id: int) -> int:
+        """The room's arm keeps the round's seed; an opponent gets its own, so the two never write the same text."""
+        if source_arm_id == self.arm_id:
+            return self.seed
+        return random.Random(f"{self.seed}:arm:{source_arm_id}").getrandbits(31)
 
 
 def mediation_claim(*, round_id: int) -> MediationInput | None:
-    """Mark an attempt and return what the pipeline needs, or None if there is nothing to do."""
+    """Mark an attempt and return what the pipeline needs, or None if there is nothing to do.
+
+    In an exclusion arm, one member (a seeded draw, recorded on the round and kept across retries)
+    is silently left out of generation and ranking, but still rates the statements.
+    """
     with transaction.atomic():
-        round_ = Round.objects.select_for_update().select_related("room__question").get(pk=round_id)
+        round_ = Round.objects.select_for_update().select_related("room__question", "room__arm").get(pk=round_id)
         if round_.phase != Round.Phase.MEDIATING or round_.candidates.exists():
             return None
         round_.mediation_attempts += 1
         round_.progress_stage = "generating"
-        round_.save(update_fields=["mediation_attempts", "progress_stage"])
         opinions = list(
             round_.opinions.filter(participant__dropped_out_at__isnull=True).select_related("participant").order_by("participant_id")
         )
+        arm = round_.room.arm
+        writer_ids = [o.participant_id for o in opinions]
+        if arm.exclude_one_opinion and round_.excluded_participant_id is None and len(writer_ids) >= MIN_OPINIONS_FOR_MEDIATION:
+            round_.excluded_participant_id = random.Random(f"{round_.seed}:exclude").choice(writer_ids)
+        round_.save(update_fields=["mediation_attempts", "progress_stage", "excluded_participant"])
+        included = [o for o in opinions if o.participant_id != round_.excluded_participant_id]
         return MediationInput(
             round_id=round_.pk,
             question=round_.room.question.text,
-            participant_ids=[o.participant_id for o in opinions],
-            opinions=[o.text for o in opinions],
+            participant_ids=[o.participant_id for o in included],
+            opinions=[o.text for o in included],
             seed=round_.seed,
-            arm_id=round_.room.arm_id,
+            arm_id=arm.pk,
+            rater_ids=writer_ids,
+            source_arm_ids=[a.pk for a in mediation_arms(arm)],
+            excluded_participant_id=round_.excluded_participant_id,
         )
 
 
@@ -358,50 +505,80 @@ def _presentation_order(*, round_: Round, participant: Participant, candidate_id
     return order
 
 
-def candidates_store(*, mediation: MediationInput, result: "MediationResult") -> bool:
-    """Store candidates, predictions and the ranking, then open rating. Idempotent: a redelivered task stores nothing twice."""
+@dataclass(frozen=True)
+class SourcedResult:
+    """One configuration's mediation output: which arm's generator, reward model and welfare produced it."""
+
+    arm_id: int
+    result: "MediationResult"
+
+
+def _shown_per_source(*, k_shown: int, sources: int) -> list[int]:
+    # Head-to-head splits the K shown statements between the two configurations, the room's arm first.
+    if sources == 1:
+        return [k_shown]
+    own = math.ceil(k_shown / 2)
+    return [own, k_shown - own]
+
+
+def candidates_store(*, mediation: MediationInput, results: Sequence[SourcedResult]) -> bool:
+    """Store candidates, predictions and rankings of every configuration, then open rating.
+
+    Idempotent: a redelivered task stores nothing twice. Rank and shown are within each source arm.
+    """
     with transaction.atomic():
         round_ = Round.objects.select_for_update().select_related("room__arm", "room__experiment").get(pk=mediation.round_id)
         if round_.phase != Round.Phase.MEDIATING or round_.candidates.exists():
             return False
-        arm = round_.room.arm
-        rank_of = {candidate_index: position + 1 for position, candidate_index in enumerate(result.welfare.ranking)}
-        shown_indices = set(result.welfare.ranking[: arm.k_shown])
+        if [r.arm_id for r in results] != (mediation.source_arm_ids or [mediation.arm_id]):
+            raise ValueError("mediation results do not match the round's configurations")
+        arms = {arm.pk: arm for arm in Arm.objects.filter(pk__in=[r.arm_id for r in results])}
+        quotas = _shown_per_source(k_shown=round_.room.arm.k_shown, sources=len(results))
         stored: list[Candidate] = []
-        for index, generated in enumerate(result.candidates):
-            stored.append(
-                Candidate.objects.create(
-                    round=round_,
-                    index=index,
-                    text=generated.text,
-                    backend=generated.backend,
-                    model_id=generated.model_id,
-                    model_revision=generated.model_revision,
-                    seed=generated.seed,
-                    opinion_order=[mediation.participant_ids[i] for i in generated.opinion_order],
-                    prompt=generated.prompt,
-                    prompt_tokens=generated.prompt_tokens,
-                    completion_tokens=generated.completion_tokens,
-                    latency_ms=generated.latency_ms,
-                    welfare=float(result.welfare.welfare[index]),
-                    welfare_method=arm.welfare_method,
-                    rank=rank_of.get(index),
-                    shown=index in shown_indices,
+        shown_ids: list[int] = []
+        for sourced, quota in zip(results, quotas):
+            result, arm = sourced.result, arms[sourced.arm_id]
+            rank_of = {candidate_index: position + 1 for position, candidate_index in enumerate(result.welfare.ranking)}
+            shown_indices = set(result.welfare.ranking[:quota])
+            these: list[Candidate] = []
+            for local_index, generated in enumerate(result.candidates):
+                these.append(
+                    Candidate.objects.create(
+                        round=round_,
+                        index=len(stored) + local_index,
+                        text=generated.text,
+                        backend=generated.backend,
+                        model_id=generated.model_id,
+                        model_revision=generated.model_revision,
+                        seed=generated.seed,
+                        opinion_order=[mediation.participant_ids[i] for i in generated.opinion_order],
+                        prompt=generated.prompt,
+                        prompt_tokens=generated.prompt_tokens,
+                        completion_tokens=generated.completion_tokens,
+                        latency_ms=generated.latency_ms,
+                        welfare=float(result.welfare.welfare[local_index]),
+                        welfare_method=arm.welfare_method,
+                        rank=rank_of.get(local_index),
+                        shown=local_index in shown_indices,
+                        source_arm=arm,
+                    )
                 )
+            PredictedAgreement.objects.bulk_create(
+                PredictedAgreement(
+                    candidate=these[c],
+                    participant_id=participant_id,
+                    score=float(result.predicted[p][c]),
+                    reward_model=result.reward_model,
+                    reward_model_version=result.reward_model_version,
+                )
+                for p, participant_id in enumerate(mediation.participant_ids)
+                for c in range(len(these))
             )
-        PredictedAgreement.objects.bulk_create(
-            PredictedAgreement(
-                candidate=stored[c],
-                participant_id=participant_id,
-                score=float(result.predicted[p][c]),
-                reward_model=result.reward_model,
-                reward_model_version=result.reward_model_version,
-            )
-            for p, participant_id in enumerate(mediation.participant_ids)
-            for c in range(len(stored))
+            shown_ids += [candidate.pk for candidate in sorted(these, key=lambda c: c.rank or 0) if candidate.shown]
+            stored += these
+        raters = Participant.objects.filter(
+            pk__in=mediation.rater_ids or mediation.participant_ids, dropped_out_at__isnull=True
         )
-        shown_ids = [candidate.pk for candidate in sorted(stored, key=lambda c: c.rank or 0) if candidate.shown]
-        raters = Participant.objects.filter(pk__in=mediation.participant_ids, dropped_out_at__isnull=True)
         Presentation.objects.bulk_create(
             Presentation(participant=participant, candidate_id=candidate_id, position=position)
             for participant in raters
@@ -514,6 +691,7 @@ def ranking_submit(*, participant: Participant, positions: dict[int, object]) ->
         rated = set(Rating.objects.filter(participant=participant, candidate_id__in=presented).values_list("candidate_id", flat=True))
         if rated != set(presented):
             raise InvalidInput("Please rate every statement before ranking them.")
+        _check_protocol_items_done(participant=participant, round_=round_)
         order = sorted(ranks, key=lambda candidate_id: ranks[candidate_id])
         ranking = Ranking.objects.create(participant=participant, round=round_, order=order)
         participant.finished_at = timezone.now()
@@ -528,9 +706,173 @@ def ranking_submit(*, participant: Participant, positions: dict[int, object]) ->
     return ranking
 
 
+# --- Evaluation protocols in the rating phase ------------------------------------------
+
+
+def _check_protocol_items_done(*, participant: Participant, round_: Round) -> None:
+    """Before the final ranking: every pairwise preference, opinion rating and attention item asked for."""
+    todo = selectors.protocol_todo(participant=participant, round_=round_)
+    if todo.preference_pairs:
+        raise InvalidInput("Please say which statement you prefer in every pair before ranking.")
+    if todo.opinion_ids:
+        raise InvalidInput("Please rate every other member's opinion before ranking.")
+    if todo.attention_check:
+        raise InvalidInput("Please answer every question on this page before ranking.")
+
+
+def pairwise_preference_submit(*, participant: Participant, candidate_a_id: int, candidate_b_id: int, preferred_id: object) -> PairwisePreference:
+    """Head-to-head: the participant prefers `preferred_id`, one of a pair of shown statements from different arms."""
+    try:
+        preferred = int(str(preferred_id))
+    except (TypeError, ValueError):
+        raise InvalidInput("Please choose one of the two statements.") from None
+    low, high = sorted((int(candidate_a_id), int(candidate_b_id)))
+    if preferred not in (low, high):
+        raise InvalidInput("Please choose one of the two statements.")
+    with transaction.atomic():
+        participant = Participant.objects.select_for_update().get(pk=participant.pk)
+        round_ = _rating_round(participant=participant)
+        pairs = selectors.preference_pairs(participant=participant, round_=round_)
+        if (low, high) not in {tuple(sorted(pair)) for pair in pairs}:
+            raise InvalidInput("That pair of statements is not one of yours to compare.")
+        preference, _ = PairwisePreference.objects.update_or_create(
+            participant=participant, candidate_a_id=low, candidate_b_id=high,
+            defaults={"round": round_, "preferred_id": preferred},
+        )
+        events.send_on_commit(events.RatingSubmitted(room_id=participant.room_id, round_id=round_.pk, participant_id=participant.pk))
+    return preference
+
+
+def opinion_rating_submit(*, participant: Participant, opinion_id: int, agreement: object) -> OpinionRating:
+    """Best-human-opinion protocol: agreement with another member's anonymised opinion."""
+    value = _parse_likert(agreement, what="agreement")
+    with transaction.atomic():
+        participant = Participant.objects.select_for_update().select_related("room__experiment").get(pk=participant.pk)
+        round_ = _rating_round(participant=participant)
+        if not participant.room.experiment.rate_opinions:
+            raise InvalidInput("This study does not ask you to rate opinions.")
+        if opinion_id not in {o.pk for o in selectors.opinions_to_rate(participant=participant, round_=round_)}:
+            raise InvalidInput("That opinion is not one of yours to rate.")
+        rating, _ = OpinionRating.objects.update_or_create(participant=participant, opinion_id=opinion_id, defaults={"agreement": value})
+        events.send_on_commit(events.RatingSubmitted(room_id=participant.room_id, round_id=round_.pk, participant_id=participant.pk))
+    return rating
+
+
+def attention_check_submit(*, participant: Participant, answer: object) -> AttentionCheck:
+    """An instructed-response item. The first answer counts: a second one cannot turn a failure into a pass."""
+    value = _parse_likert(answer, what="answer")
+    with transaction.atomic():
+        participant = Participant.objects.select_for_update().select_related("room__experiment").get(pk=participant.pk)
+        round_ = _rating_round(participant=participant)
+        if not participant.room.experiment.attention_check:
+            raise InvalidInput("This study has no such question.")
+        existing = AttentionCheck.objects.filter(participant=participant, round=round_).first()
+        if existing is not None:
+            return existing
+        expected = selectors.attention_expected(participant=participant, round_=round_)
+        check = AttentionCheck.objects.create(participant=participant, round=round_, expected=expected, answer=value, passed=value == expected)
+        events.send_on_commit(events.RatingSubmitted(room_id=participant.room_id, round_id=round_.pk, participant_id=participant.pk))
+    return check
+
+
+# --- Cohorts -------------------------------------------------------------------------
+
+
+def allow_list_add(*, experiment: Experiment, external_ids: Iterable[str]) -> int:
+    """Add external ids (one per item; blanks ignored) to the experiment's allow-list; returns how many were new."""
+    wanted = {value.strip()[:200] for value in external_ids if value and value.strip()}
+    with transaction.atomic():
+        known = set(AllowedExternalId.objects.filter(experiment=experiment, external_id__in=wanted).values_list("external_id", flat=True))
+        AllowedExternalId.objects.bulk_create(
+            [AllowedExternalId(experiment=experiment, external_id=value) for value in sorted(wanted - known)], ignore_conflicts=True
+        )
+    return len(wanted - known)
+
+
+def page_view_record(*, participant_id: int, view: str, round_id: int | None, phase: str = "") -> bool:
+    """Record that a participant was shown a screen; a repeat of the screen they were already on is not a new view."""
+    with transaction.atomic():
+        last = PageView.objects.filter(participant_id=participant_id).order_by("-shown_at", "-id").first()
+        if last is not None and last.view == view and last.round_id == round_id:
+            return False
+        PageView.objects.create(participant_id=participant_id, view=view, round_id=round_id, phase=phase)
+    return True
+
+
 def experiment_pause(*, experiment: Experiment, paused: bool) -> Experiment:
     with transaction.atomic():
         experiment = Experiment.objects.select_for_update().get(pk=experiment.pk)
         experiment.status = Experiment.Status.PAUSED if paused else Experiment.Status.ACTIVE
         experiment.save(update_fields=["status"])
     return experiment
+
+
+# --- Dataset exports ---------------------------------------------------------------------
+
+
+def dataset_export_request(
+    *,
+    experiment: Experiment,
+    requested_by: "AbstractBaseUser | None",
+    via: str,
+    format: str,
+    include_external_ids: bool = False,
+    out_dir: str | Path | None = None,
+    enqueue_task: bool = True,
+) -> DatasetExport:
+    """Write the audit-log row of an export and (after commit) enqueue the task that writes it."""
+    if format not in DatasetExport.Format.values:
+        raise InvalidInput(f"Unknown export format {format!r}: choose one of {', '.join(DatasetExport.Format.values)}.")
+    if format == DatasetExport.Format.PARQUET:
+        from .exports import parquet_available
+
+        if not parquet_available():
+            raise InvalidInput("Parquet export needs the pyarrow package; install it or choose csv or jsonl.")
+    from .exports import default_export_dir
+
+    directory = Path(out_dir) if out_dir else default_export_dir()
+    with transaction.atomic():
+        export = DatasetExport.objects.create(
+            experiment=experiment,
+            requested_by=requested_by if requested_by is not None and requested_by.is_authenticated else None,
+            requested_via=via,
+            format=format,
+            include_external_ids=include_external_ids,
+            out_dir=str(directory.resolve()),
+        )
+        if enqueue_task:
+            from .dispatch import enqueue
+            from .tasks import export_dataset
+
+            export_id = export.pk
+            transaction.on_commit(lambda: enqueue(export_dataset, args=[export_id]))
+    return export
+
+
+def dataset_export_claim(*, export_id: int) -> DatasetExport | None:
+    """Start (or, after a lost worker, restart) an export; None when it is already done."""
+    with transaction.atomic():
+        export = DatasetExport.objects.select_for_update().select_related("experiment").get(pk=export_id)
+        if export.status == DatasetExport.Status.DONE:
+            return None
+        export.status = DatasetExport.Status.RUNNING
+        export.started_at = timezone.now()
+        export.error = ""
+        export.save(update_fields=["status", "started_at", "error"])
+    return export
+
+
+def dataset_export_progress(*, export_id: int, done: int, total: int) -> None:
+    DatasetExport.objects.filter(pk=export_id, status=DatasetExport.Status.RUNNING).update(progress_done=done, progress_total=total)
+
+
+def dataset_export_finish(*, export_id: int, path: str, sha256: str, row_counts: dict[str, int]) -> None:
+    with transaction.atomic():
+        DatasetExport.objects.filter(pk=export_id).update(
+            status=DatasetExport.Status.DONE, path=path, sha256=sha256, row_counts=row_counts, finished_at=timezone.now()
+        )
+
+
+def dataset_export_fail(*, export_id: int, error: str) -> None:
+    with transaction.atomic():
+        DatasetExport.objects.filter(pk=export_id).update(status=DatasetExport.Status.FAILED, error=error[:4000], finished_at=timezone.now())

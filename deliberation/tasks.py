@@ -22,6 +22,8 @@ logger = logging.getLogger(__name__)
 MAX_MEDIATION_ATTEMPTS = 3
 # Progress events are throttled: a participant gains nothing from more than a few a second.
 PROGRESS_MIN_INTERVAL_S = 0.25
+# An export streams rows, so its time grows with the data; an hour covers very large studies.
+EXPORT_TIME_LIMIT_S = 3600
 
 
 def load_models(*, arm: Arm | None) -> tuple["Generator", "RewardModel"]:
@@ -60,30 +62,39 @@ def mediate_round(self, round_id: int) -> str:
     mediation = services.mediation_claim(round_id=round_id)
     if mediation is None:
         return "nothing to do"
-    arm = Arm.objects.select_related("reward_model_version").get(pk=mediation.arm_id)
+    arms = {arm.pk: arm for arm in Arm.objects.select_related("reward_model_version").filter(pk__in=mediation.source_arm_ids)}
+    sources = [arms[arm_id] for arm_id in mediation.source_arm_ids]
+    total = sum(arm.n_candidates for arm in sources)
     last_sent = [0.0, ("", -1)]
+    offset = [0]  # candidates written by earlier configurations of a head-to-head round
 
-    def on_stage(stage: str, done: int, total: int) -> None:
+    def on_stage(stage: str, done: int, stage_total: int) -> None:
+        done = offset[0] + done if stage == "generating" else done
+        shown_total = total if stage == "generating" else stage_total
         now = time.monotonic()
-        if (stage, done) == last_sent[1] or (now - last_sent[0] < PROGRESS_MIN_INTERVAL_S and 0 < done < total):
+        if (stage, done) == last_sent[1] or (now - last_sent[0] < PROGRESS_MIN_INTERVAL_S and 0 < done < shown_total):
             return
         last_sent[0], last_sent[1] = now, (stage, done)
-        services.mediation_progress(round_id=round_id, stage=stage, done=done, total=total)
+        services.mediation_progress(round_id=round_id, stage=stage, done=done, total=shown_total)
 
+    results: list[services.SourcedResult] = []
     try:
-        generator, reward_model = load_models(arm=arm)
-        result = mediate(
-            question=mediation.question,
-            opinions=mediation.opinions,
-            n=arm.n_candidates,
-            seed=mediation.seed,
-            generator=generator,
-            reward_model=reward_model,
-            welfare_method=arm.welfare_method,
-            welfare_alpha=arm.welfare_alpha,
-            sampling=SamplingParams(max_new_tokens=settings.CONCORD_MAX_NEW_TOKENS),
-            on_stage=on_stage,
-        )
+        for arm in sources:
+            generator, reward_model = load_models(arm=arm)
+            result = mediate(
+                question=mediation.question,
+                opinions=mediation.opinions,
+                n=arm.n_candidates,
+                seed=mediation.seed_for(arm.pk),
+                generator=generator,
+                reward_model=reward_model,
+                welfare_method=arm.welfare_method,
+                welfare_alpha=arm.welfare_alpha,
+                sampling=SamplingParams(max_new_tokens=settings.CONCORD_MAX_NEW_TOKENS),
+                on_stage=on_stage,
+            )
+            results.append(services.SourcedResult(arm_id=arm.pk, result=result))
+            offset[0] += arm.n_candidates
     except SoftTimeLimitExceeded:
         services.mediation_fail(round_id=round_id, error="mediation ran past its time limit", final=True)
         raise
@@ -94,10 +105,29 @@ def mediate_round(self, round_id: int) -> str:
         if final:
             return "failed"
         raise self.retry(exc=error, countdown=2 ** self.request.retries)
-    stored = services.candidates_store(mediation=mediation, result=result)
+    stored = services.candidates_store(mediation=mediation, results=results)
     return "stored" if stored else "already stored"
 
 
 @shared_task(acks_late=True, soft_time_limit=60, time_limit=90)
 def round_deadline(round_id: int, phase: str) -> str:
     return services.round_deadline_fire(round_id=round_id, phase=phase)
+
+
+@shared_task(acks_late=True, soft_time_limit=60, time_limit=90)
+def room_wait_deadline(room_id: int) -> str:
+    return services.room_wait_deadline_fire(room_id=room_id)
+
+
+@shared_task(
+    acks_late=True,
+    reject_on_worker_lost=True,
+    soft_time_limit=EXPORT_TIME_LIMIT_S,
+    time_limit=EXPORT_TIME_LIMIT_S + 60,
+)
+def export_dataset(export_id: int) -> str:
+    """Write one dataset export (see deliberation.exports). Idempotent: a finished export is not written again;
+    a redelivered one is rewritten from scratch, since files are only moved into place when complete."""
+    from .exports import run_export
+
+    return run_export(export_id=export_id)

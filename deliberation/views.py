@@ -72,6 +72,8 @@ def join(request: HttpRequest, slug: str, room_code: str | None = None) -> HttpR
 
 def _room_response(request: HttpRequest, participant: Participant, *, error: str = "", status: int = 200) -> HttpResponse:
     state = selectors.room_state_for(participant)
+    # Page timings: which screen the participant was shown, and when (repeats are not recorded twice).
+    services.page_view_record(participant_id=participant.pk, view=state.view, round_id=state.round.pk, phase=state.round.phase)
     template = "deliberation/partials/main.html" if request.htmx else "deliberation/room.html"
     return render(request, template, {"state": state, "error": error}, status=status)
 
@@ -137,6 +139,45 @@ def ranking_submit(request: HttpRequest, code: str) -> HttpResponse:
     return _after_action(request, participant)
 
 
+@require_POST
+@rate_limited("submit", limit_setting="RATE_LIMIT_SUBMIT_PER_PARTICIPANT", by="participant")
+def preference_submit(request: HttpRequest, code: str) -> HttpResponse:
+    participant = participant_for_request(request, code)
+    try:
+        first, second = int(request.POST.get("candidate_a", "")), int(request.POST.get("candidate_b", ""))
+    except ValueError:
+        return HttpResponseBadRequest("Malformed pair.")
+    try:
+        services.pairwise_preference_submit(
+            participant=participant, candidate_a_id=first, candidate_b_id=second, preferred_id=request.POST.get("preferred")
+        )
+    except services.ServiceError as error:
+        return _room_response(request, participant, error=str(error), status=422 if not request.htmx else 200)
+    return _after_action(request, participant)
+
+
+@require_POST
+@rate_limited("submit", limit_setting="RATE_LIMIT_SUBMIT_PER_PARTICIPANT", by="participant")
+def opinion_rating_submit(request: HttpRequest, code: str, opinion_id: int) -> HttpResponse:
+    participant = participant_for_request(request, code)
+    try:
+        services.opinion_rating_submit(participant=participant, opinion_id=opinion_id, agreement=request.POST.get("agreement"))
+    except services.ServiceError as error:
+        return _room_response(request, participant, error=str(error), status=422 if not request.htmx else 200)
+    return _after_action(request, participant)
+
+
+@require_POST
+@rate_limited("submit", limit_setting="RATE_LIMIT_SUBMIT_PER_PARTICIPANT", by="participant")
+def attention_submit(request: HttpRequest, code: str) -> HttpResponse:
+    participant = participant_for_request(request, code)
+    try:
+        services.attention_check_submit(participant=participant, answer=request.POST.get("answer"))
+    except services.ServiceError as error:
+        return _room_response(request, participant, error=str(error), status=422 if not request.htmx else 200)
+    return _after_action(request, participant)
+
+
 def _after_action(request: HttpRequest, participant: Participant) -> HttpResponse:
     if request.htmx:
         return _room_response(request, participant)
@@ -188,3 +229,93 @@ def room_start(request: HttpRequest, room_id: int) -> HttpResponse:
     except services.ServiceError as error:
         messages.error(request, str(error))
     return redirect("room_monitor", room_id=room.pk)
+
+
+# --- Researchers: cohorts, analytics, exports -------------------------------------------------
+
+
+def _own_experiment(request: HttpRequest, slug: str) -> Experiment:
+    # Another researcher's experiment does not exist, as far as this researcher can tell.
+    return get_object_or_404(selectors.experiments_for(request.user), slug=slug)
+
+
+@login_required
+@require_GET
+def cohort_monitor(request: HttpRequest, slug: str) -> HttpResponse:
+    experiment = _own_experiment(request, slug)
+    template = "deliberation/partials/cohort_body.html" if request.htmx else "deliberation/cohort.html"
+    return render(request, template, {"cohort": selectors.cohort_state(experiment)})
+
+
+@login_required
+@require_POST
+def experiment_pause(request: HttpRequest, slug: str) -> HttpResponse:
+    experiment = _own_experiment(request, slug)
+    paused = request.POST.get("action") == "pause"
+    services.experiment_pause(experiment=experiment, paused=paused)
+    messages.success(request, "The study is paused: nobody new can join." if paused else "The study is accepting participants again.")
+    return redirect("cohort_monitor", slug=experiment.slug)
+
+
+@login_required
+@require_GET
+def analytics_page(request: HttpRequest, slug: str) -> HttpResponse:
+    from . import analytics
+
+    experiment = _own_experiment(request, slug)
+    report = analytics.experiment_report(experiment)
+    return render(
+        request,
+        "deliberation/analytics.html",
+        {"experiment": experiment, "report": report, "rows": analytics.table_rows(report), "charts": analytics.charts(report)},
+    )
+
+
+@login_required
+@require_GET
+def analytics_csv(request: HttpRequest, slug: str) -> HttpResponse:
+    from . import analytics
+
+    experiment = _own_experiment(request, slug)
+    response = HttpResponse(analytics.report_csv(analytics.experiment_report(experiment)), content_type="text/csv; charset=utf-8")
+    response["Content-Disposition"] = f'attachment; filename="{experiment.slug}-analytics.csv"'
+    return response
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def exports_page(request: HttpRequest, slug: str) -> HttpResponse:
+    experiment = _own_experiment(request, slug)
+    if request.method == "POST":
+        try:
+            services.dataset_export_request(
+                experiment=experiment, requested_by=request.user, via="web", format=request.POST.get("format", ""),
+                include_external_ids=request.POST.get("include_external_ids") == "yes",
+            )
+        except services.ServiceError as error:
+            messages.error(request, str(error))
+        else:
+            messages.success(request, "The export is being written; this page shows its progress.")
+        return redirect("exports_page", slug=experiment.slug)
+    template = "deliberation/partials/exports_table.html" if request.htmx else "deliberation/exports.html"
+    from .exports import parquet_available
+    from .models import DatasetExport
+
+    formats = [(v, label) for v, label in DatasetExport.Format.choices if v != "parquet" or parquet_available()]
+    return render(request, template, {"experiment": experiment, "exports": selectors.exports_for(experiment), "formats": formats})
+
+
+@login_required
+@require_GET
+def export_download(request: HttpRequest, export_id: int) -> HttpResponse:
+    from django.http import FileResponse
+
+    from .exports import export_for
+
+    export = selectors.export_visible_to(request.user, export_id)
+    if export is None:
+        raise Http404("No such export.")
+    path = export_for(export)
+    if path is None:
+        raise Http404("This export has no file (yet, or any more).")
+    return FileResponse(path.open("rb"), as_attachment=True, filename=path.name, content_type="application/zip")
