@@ -7,10 +7,17 @@ On connect — which includes every reconnect — the full state is sent.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
+from django.db import DatabaseError, connection
 from django.template.loader import render_to_string
 
 from . import selectors, services
@@ -18,14 +25,52 @@ from .events import room_group
 from .models import Participant, Room
 from .views import SESSION_KEY
 
+logger = logging.getLogger(__name__)
+
 # Participants never send more than a ping; anything bigger is abuse.
 MAX_CLIENT_FRAME_BYTES = 4096
+
+# Every socket of this process is re-rendered on these few long-lived threads, in parallel, and
+# each thread keeps its database connection: a render is a handful of short queries, and opening
+# a connection for each would cost as much again (request threads cannot keep theirs: under ASGI
+# each request runs on a thread of its own). It also caps the connections renders take.
+RENDER_THREADS = 4
+_render_executor = ThreadPoolExecutor(max_workers=RENDER_THREADS, thread_name_prefix="ws-render")
+
+
+def _render_keeping_connection(render: Callable[[], str]) -> str:
+    try:
+        return render()
+    except DatabaseError:
+        connection.close()  # never keep a connection that failed: the next render opens a fresh one
+        raise
+
+
+def close_render_connections() -> None:
+    """Close the connections the render threads keep (at the end of a test session, so the test
+    database can be dropped). Each thread closes its own; later renders start fresh threads."""
+    global _render_executor
+    executor, _render_executor = _render_executor, ThreadPoolExecutor(max_workers=RENDER_THREADS, thread_name_prefix="ws-render")
+    # The barrier holds each close on its own thread until all have one, so every thread gets one.
+    barrier = threading.Barrier(RENDER_THREADS)
+
+    def close_on_this_thread() -> None:
+        connection.close()
+        barrier.wait(timeout=10)
+
+    for future in [executor.submit(close_on_this_thread) for _ in range(RENDER_THREADS)]:
+        future.result(timeout=20)
+    executor.shutdown(wait=True)
 
 
 class ParticipantConsumer(AsyncWebsocketConsumer):
     participant: Participant
     group: str
     last_main_key: str
+    render_lock: asyncio.Lock
+    # Set by an event, cleared by the render that reads the state after it.
+    stale: bool = False
+    render_task: asyncio.Task[None] | None = None
 
     async def connect(self) -> None:
         code = self.scope["url_route"]["kwargs"]["code"]
@@ -38,12 +83,15 @@ class ParticipantConsumer(AsyncWebsocketConsumer):
         self.participant = participant
         self.group = room_group(participant.room_id)
         self.last_main_key = ""
+        self.render_lock = asyncio.Lock()
         await self.channel_layer.group_add(self.group, self.channel_name)
         await self.accept()
         await database_sync_to_async(services.presence_connect)(participant_id=participant.pk)
         await self.push(full=True)
 
     async def disconnect(self, code: int) -> None:
+        if self.render_task is not None:
+            self.render_task.cancel()
         if hasattr(self, "group"):
             await self.channel_layer.group_discard(self.group, self.channel_name)
             await database_sync_to_async(services.presence_disconnect)(participant_id=self.participant.pk)
@@ -58,12 +106,32 @@ class ParticipantConsumer(AsyncWebsocketConsumer):
             await self.push(full=True)
 
     async def room_event(self, event: dict[str, Any]) -> None:
-        await self.push(full=False)
+        # An event only says "this room changed" and a render reads the current state, so events
+        # that arrive while a render is under way need one more render after it, not one each.
+        # Under load (a phase change is two events; hundreds of rooms share one process) this keeps
+        # the work per socket bounded instead of queueing stale renders.
+        self.stale = True
+        if self.render_task is None or self.render_task.done():
+            self.render_task = asyncio.create_task(self._render_while_stale())
+
+    async def _render_while_stale(self) -> None:
+        try:
+            while self.stale:
+                self.stale = False
+                await self.push(full=False)
+        except Exception:
+            # As when a handler fails: close, and the client reconnects and gets the full state.
+            logger.exception("Could not push to participant %s", self.participant.pk)
+            await self.close(code=1011)
 
     async def push(self, *, full: bool) -> None:
-        html = await database_sync_to_async(self._render)(full)
-        if html:
-            await self.send(text_data=html)
+        async with self.render_lock:
+            # The lock keeps this socket's renders in order; renders of different sockets overlap.
+            html = await sync_to_async(_render_keeping_connection, thread_sensitive=False, executor=_render_executor)(
+                lambda: self._render(full)
+            )
+            if html:
+                await self.send(text_data=html)
 
     def _render(self, full: bool) -> str:
         state = selectors.room_state_for(self.participant)
@@ -71,8 +139,6 @@ class ParticipantConsumer(AsyncWebsocketConsumer):
         main_key = state.main_key()
         if full or main_key != self.last_main_key:
             self.last_main_key = main_key
-            # Page timings: a screen pushed over the socket counts as shown (repeats are not recorded twice).
-            services.page_view_record(participant_id=state.participant.pk, view=state.view, round_id=state.round.pk, phase=state.round.phase)
             parts.append(render_to_string("deliberation/partials/main.html", {"state": state, "oob": True}))
         return "\n".join(parts)
 

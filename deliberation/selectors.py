@@ -159,8 +159,7 @@ def completion_code_for(participant: Participant) -> str:
     return f"C{digest[:8].upper()}"
 
 
-def _presence(room: Room, round_: Round, you: Participant | None) -> list[PresenceRow]:
-    writers = set(round_.opinions.values_list("participant_id", flat=True))
+def _presence(members: list[Participant], writers: set[int], you: Participant | None) -> list[PresenceRow]:
     return [
         PresenceRow(
             label=p.label,
@@ -170,7 +169,7 @@ def _presence(room: Room, round_: Round, you: Participant | None) -> list[Presen
             finished=p.finished_at is not None,
             dropped_out=p.dropped_out_at is not None,
         )
-        for p in room.participants.order_by("id")
+        for p in members
     ]
 
 
@@ -179,17 +178,20 @@ def room_state_for(participant: Participant) -> ParticipantState:
     room = participant.room
     round_ = room.rounds.order_by("-index").first()
     assert round_ is not None, "every room is created with its first round"
-    my_opinion = round_.opinions.filter(participant=participant).first()
+    # Every socket of the room re-reads this on every event, so the members and who has written are
+    # read once and the counts derived from them (one opinion per participant and round).
+    members = list(room.participants.order_by("id"))
+    writers = set(round_.opinions.values_list("participant_id", flat=True))
     state = ParticipantState(
         participant=participant,
         room=room,
         round=round_,
         experiment=room.experiment,
         question_text=room.question.text,
-        presence=_presence(room, round_, participant),
-        my_opinion=my_opinion,
-        opinions_in=round_.opinions.count(),
-        opinions_expected=room.participants.filter(dropped_out_at__isnull=True).count(),
+        presence=_presence(members, writers, participant),
+        my_opinion=round_.opinions.filter(participant=participant).first() if participant.pk in writers else None,
+        opinions_in=len(writers),
+        opinions_expected=sum(1 for member in members if member.dropped_out_at is None),
     )
     if round_.phase in (Round.Phase.RATING, Round.Phase.DONE):
         ratings = {r.candidate_id: r for r in Rating.objects.filter(participant=participant, candidate__round=round_)}

@@ -25,6 +25,16 @@ OPINIONS = [
 ]
 
 
+@pytest.fixture(scope="session")
+def django_db_setup(django_db_setup):
+    """pytest-django's, plus: websocket render threads keep a connection each; close them before the
+    test databases are dropped, or PostgreSQL refuses to drop a database still in use."""
+    yield
+    from deliberation.consumers import close_render_connections
+
+    close_render_connections()
+
+
 @pytest.fixture(autouse=True)
 def _test_settings(settings) -> None:
     settings.CONCORD_MAX_NEW_TOKENS = 40

@@ -41,7 +41,11 @@ def topology(request, settings) -> Iterator[str]:
 
     settings.USE_CELERY = True
     settings.CHANNEL_LAYERS = {
-        "default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [REDIS_URL]}}
+        # No client read timeout, as in config/settings.py: redis-py 8's 5 s default breaks the blocking read.
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": None}]},
+        }
     }
     celery_app.conf.broker_url = REDIS_URL
     celery_app.control.purge()  # leftovers of an earlier run must not leak into this one
