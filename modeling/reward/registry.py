@@ -45,9 +45,17 @@ def _build_cross_encoder(*, embedding_model: str, version_path: str | None, devi
     return CrossEncoderRewardModel.load(version_path, device=device)
 
 
+def _build_constant(*, embedding_model: str, version_path: str | None, device: str) -> RewardModel:
+    from .constant import ConstantRewardModel
+
+    return ConstantRewardModel()
+
+
 REWARD_MODELS: dict[str, RewardModelFactory] = {
     "similarity": _build_similarity,
     "cross-encoder": _build_cross_encoder,
+    # No reward model: every candidate ties, so the first K written are shown (an experiment's baseline arm).
+    "none": _build_constant,
 }
 
 _CACHE: dict[tuple[Any, ...], RewardModel] = {}

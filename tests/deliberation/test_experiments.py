@@ -9,6 +9,7 @@ import pytest
 from django.core.exceptions import ValidationError
 
 from deliberation import selectors, services
+from deliberation.tasks import load_models
 from deliberation.models import (
     Arm,
     AttentionCheck,
@@ -22,6 +23,7 @@ from deliberation.models import (
 )
 from tests.conftest import client_for
 from tests.deliberation.study import finish_rating, mediate_with, scored_result, shown_to, write_opinions
+from modeling.reward.base import AgreementQuery
 from tests.factories import ArmFactory, ExperimentFactory, QuestionFactory
 
 pytestmark = pytest.mark.django_db
@@ -296,3 +298,27 @@ def test_the_ranking_waits_for_opinion_ratings_and_the_attention_item(rated_opin
     assert participant.finished_at is not None
     state = selectors.room_state_for(participant)
     assert state.view == "done"
+
+
+# --- Reward model "none": the baseline arm --------------------------------------------------------
+
+
+def test_an_arm_without_a_reward_model_shows_the_first_statements_written() -> None:
+    experiment, (arm,) = _experiment_with_arms(1)
+    Arm.objects.filter(pk=arm.pk).update(reward_model="none", welfare_method="rawlsian")
+    arm.refresh_from_db()
+    _, reward_model = load_models(arm=arm)
+    assert reward_model.name == "none"
+    queries = [AgreementQuery(question="Q?", opinion="o", statement=f"s{i}") for i in range(5)]
+    assert reward_model.predict(queries) == [4.0] * 5
+    members = [services.participant_join(experiment=experiment) for _ in range(3)]
+    round_ = write_opinions(members)
+    mediation = services.mediation_claim(round_id=round_.pk)
+    flat = reward_model.predict(queries[:4] * 3)
+    result = scored_result(texts=["w", "x", "y", "z"], predicted=[flat[p * 4 : (p + 1) * 4] for p in range(3)], welfare_method=arm.welfare_method)
+    result.reward_model, result.reward_model_version = reward_model.name, reward_model.version
+    services.candidates_store(mediation=mediation, results=[services.SourcedResult(arm_id=arm.pk, result=result)])
+    candidates = list(Candidate.objects.filter(round=round_).order_by("index"))
+    assert [c.rank for c in candidates] == [1, 2, 3, 4]
+    assert [c.shown for c in candidates] == [True, True, False, False]  # K = 2: the first two written
+    assert set(PredictedAgreement.objects.filter(candidate__round=round_).values_list("reward_model", flat=True)) == {"none"}
