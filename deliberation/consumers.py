@@ -139,6 +139,8 @@ class ParticipantConsumer(AsyncWebsocketConsumer):
         main_key = state.main_key()
         if full or main_key != self.last_main_key:
             self.last_main_key = main_key
+            # Page timings: a screen pushed over the socket counts as shown (repeats are not recorded twice).
+            services.page_view_record(participant_id=state.participant.pk, view=state.view, round_id=state.round.pk, phase=state.round.phase)
             parts.append(render_to_string("deliberation/partials/main.html", {"state": state, "oob": True}))
         return "\n".join(parts)
 
