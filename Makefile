@@ -61,6 +61,7 @@ test: test-unit test-e2e
 bench: setup
 	$(PY) bench/generation.py
 	$(PY) bench/reward.py
+	$(PY) bench/load.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .hypothesis
