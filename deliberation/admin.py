@@ -1,3 +1,6 @@
+import re
+
+from django import forms
 from django.contrib import admin, messages
 from django.urls import reverse
 from django.utils.html import format_html
@@ -75,8 +78,21 @@ def _export_action(fmt: str):
     return action
 
 
+class ExperimentAdminForm(forms.ModelForm):
+    add_allowed_external_ids = forms.CharField(
+        required=False,
+        widget=forms.Textarea(attrs={"rows": 4}),
+        help_text="Paste external ids (e.g. Prolific PIDs) to add to the allow-list, one per line or separated by commas.",
+    )
+
+    class Meta:
+        model = Experiment
+        fields = "__all__"
+
+
 @admin.register(Experiment)
 class ExperimentAdmin(OwnedByResearcher):
+    form = ExperimentAdminForm
     experiment_path = "pk"
     list_display = ["name", "slug", "status", "group_size", "owner", "created_at", "researcher_links"]
     list_filter = ["status"]
@@ -90,8 +106,15 @@ class ExperimentAdmin(OwnedByResearcher):
         ("Groups and timers", {"fields": ["group_size", "min_group_size", "max_wait_seconds", "opinion_seconds", "rating_seconds", "opinion_min_chars", "opinion_max_chars"]}),
         ("Questions", {"fields": ["questions", "question_split", "question_topic"], "description": "Attach questions, or leave none attached and draw from the whole bank by split and topic."}),
         ("Protocols", {"fields": ["rate_opinions", "attention_check", "assignment_seed"]}),
-        ("Participants", {"fields": ["require_allow_list", "completion_code", "completion_url", "release_code"]}),
+        ("Participants", {"fields": ["require_allow_list", "add_allowed_external_ids", "completion_code", "completion_url", "release_code"]}),
     ]
+
+    def save_related(self, request, form, formsets, change) -> None:
+        super().save_related(request, form, formsets, change)
+        pasted = form.cleaned_data.get("add_allowed_external_ids") or ""
+        added = services.allow_list_add(experiment=form.instance, external_ids=re.split(r"[\s,;]+", pasted))
+        if added:
+            self.message_user(request, f"Added {added} external ids to the allow-list.")
 
     @admin.display(description="Researcher pages")
     def researcher_links(self, experiment: Experiment) -> str:

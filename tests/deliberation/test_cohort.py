@@ -321,3 +321,26 @@ def test_a_cohort_from_start_to_finish(tmp_path: Path, researcher, client) -> No
         for metric, value in hand.items():
             assert shown[(metric, arm.name)] == pytest.approx(value, abs=5e-5), (arm.name, metric)
     assert html.count("<svg") >= 3
+
+
+def test_the_admin_adds_pasted_external_ids_to_the_allow_list(client, cohort_experiment, researcher) -> None:
+    researcher.is_staff = researcher.is_superuser = True
+    researcher.save()
+    client.force_login(researcher)
+    url = f"/admin/deliberation/experiment/{cohort_experiment.pk}/change/"
+    page = client.get(url)
+    assert page.status_code == 200 and "add_allowed_external_ids" in page.content.decode()
+    form = page.context["adminform"].form
+    data = {key: value for key, value in form.initial.items() if value is not None and key != "questions"}
+    data.update({
+        "owner": researcher.pk, "status": "active", "questions": list(cohort_experiment.questions.values_list("pk", flat=True)),
+        "require_allow_list": "on", "add_allowed_external_ids": "PID-A\nPID-B, PID-C\n\nPID-A",
+        "arms-TOTAL_FORMS": "0", "arms-INITIAL_FORMS": "0", "allowed_external_ids-TOTAL_FORMS": "0", "allowed_external_ids-INITIAL_FORMS": "0",
+    })
+    for arm in cohort_experiment.arms.all():
+        data["arms-TOTAL_FORMS"] = data["arms-INITIAL_FORMS"] = "1"
+        data.update({f"arms-0-{f}": getattr(arm, f) for f in ("name", "welfare_method", "welfare_alpha", "n_candidates", "k_shown", "weight")})
+        data.update({"arms-0-id": arm.pk, "arms-0-experiment": cohort_experiment.pk})
+    response = client.post(url, {k: v for k, v in data.items() if v is not None})
+    assert response.status_code == 302, response.context["adminform"].form.errors if response.context else response
+    assert sorted(cohort_experiment.allowed_external_ids.values_list("external_id", flat=True)) == ["PID-A", "PID-B", "PID-C"]
