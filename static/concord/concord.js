@@ -90,3 +90,53 @@
     if (event.detail.successful && el && el.dataset.state === "error") { el.textContent = ""; el.dataset.state = "open"; }
   });
 })();
+
+// The rating screen holds several forms, and saving one re-renders the whole screen (as does
+// any push from the server). Choices made in the other forms but not yet saved are carried
+// over, so nobody has to tick them twice; the form just saved shows what the server stored.
+(function () {
+  "use strict";
+  var pending = null;
+
+  function capture(root, exceptFormId) {
+    var forms = {};
+    root.querySelectorAll("form[id]").forEach(function (form) {
+      if (form.id === exceptFormId) return;
+      var fields = {};
+      form.querySelectorAll("input[type=radio]:checked").forEach(function (el) { fields[el.name] = el.value; });
+      form.querySelectorAll("select").forEach(function (el) { if (el.value) fields[el.name] = el.value; });
+      forms[form.id] = fields;
+    });
+    return forms;
+  }
+
+  function restore(root, forms) {
+    Object.keys(forms).forEach(function (formId) {
+      var form = document.getElementById(formId);
+      if (!form || !root.contains(form)) return;
+      var fields = forms[formId];
+      Object.keys(fields).forEach(function (name) {
+        form.querySelectorAll("[name='" + name + "']").forEach(function (el) {
+          if (el.type === "radio") { el.checked = el.value === fields[name]; }
+          else if (el.tagName === "SELECT") { el.value = fields[name]; }
+        });
+      });
+    });
+  }
+
+  document.addEventListener("htmx:beforeSwap", function (event) {
+    var target = event.detail.target;
+    if (!target || target.id !== "main") return;
+    var elt = event.detail.requestConfig && event.detail.requestConfig.elt;
+    var form = elt && elt.closest ? elt.closest("form") : null;
+    pending = capture(target, form ? form.id : null);
+  });
+  document.addEventListener("htmx:oobBeforeSwap", function (event) {
+    var target = event.detail.target;
+    if (target && target.id === "main") pending = capture(target, null);
+  });
+  document.addEventListener("htmx:load", function (event) {
+    var main = event.target && event.target.id === "main" ? event.target : null;
+    if (main && pending) { restore(main, pending); pending = null; }
+  });
+})();

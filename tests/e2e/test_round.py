@@ -145,7 +145,18 @@ def test_a_group_of_four_deliberates_rates_and_is_monitored(stack: Stack, new_pe
         entered[person.label] = []
         for statement_index, candidate_id in enumerate(ids):
             agreement, quality = _ratings_for(person_index, statement_index)
+            if person is p1 and statement_index == 0:
+                # Choices ticked on the next statement but not saved yet must survive the
+                # re-render that saving this one causes (response and websocket push alike).
+                later = p1.statement_form(ids[1])
+                later_agreement, later_quality = _ratings_for(person_index, 1)
+                later.locator(f'input[name="agreement"][value="{later_agreement}"]').check()
+                later.locator(f'input[name="quality"][value="{later_quality}"]').check()
             person.rate(candidate_id, agreement, quality)
+            if person is p1 and statement_index == 0:
+                expect(later.locator(f'input[name="agreement"][value="{later_agreement}"]')).to_be_checked()
+                expect(later.locator(f'input[name="quality"][value="{later_quality}"]')).to_be_checked()
+                expect(later.locator(".saved")).to_have_count(0)
             entered[person.label].append(f"{agreement} / {quality}")
             if person is p4 and statement_index == 0:
                 p4.reload()
