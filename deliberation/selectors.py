@@ -328,6 +328,8 @@ class MonitorState:
     rankings: list[Ranking]
     rating_count: int
     explanation: str = ""
+    # Each ranking as (participant label, statement numbers best first), in the "#" of the tables.
+    ranking_rows: list[tuple[str, list[int]]] = field(default_factory=list)
 
 
 def monitor_state(room: Room) -> MonitorState:
@@ -345,13 +347,16 @@ def monitor_state(room: Room) -> MonitorState:
     for rating in Rating.objects.filter(candidate__round=round_):
         ratings[rating.candidate_id][column[rating.participant_id]] = rating
     rows = [MonitorCandidate(candidate=c, predictions=predictions[c.pk], ratings=ratings[c.pk]) for c in candidates]
+    rankings = list(round_.rankings.select_related("participant"))
+    index_of = {c.pk: c.index for c in candidates}
     return MonitorState(
         room=room,
         round=round_,
         participants=participants,
         opinions=opinions,
         candidates=rows,
-        rankings=list(round_.rankings.select_related("participant")),
+        rankings=rankings,
+        ranking_rows=[(r.participant.label, [index_of[cid] for cid in r.order if cid in index_of]) for r in rankings],
         rating_count=sum(1 for row in rows for r in row.ratings if r is not None),
         explanation=_why_it_won(rows, room.arm.welfare_method),
     )

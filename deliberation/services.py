@@ -462,7 +462,13 @@ def mediation_claim(*, round_id: int) -> MediationInput | None:
         if round_.phase != Round.Phase.MEDIATING or round_.candidates.exists():
             return None
         round_.mediation_attempts += 1
-        round_.progress_stage = "generating"
+        # Loading the models can take a while on a fresh worker: say the mediator has started.
+        round_.progress_stage = "starting"
+        events.send_on_commit(
+            events.MediationProgress(
+                room_id=round_.room_id, round_id=round_.pk, stage="starting", done=0, total=round_.progress_total
+            )
+        )
         opinions = list(
             round_.opinions.filter(participant__dropped_out_at__isnull=True).select_related("participant").order_by("participant_id")
         )
