@@ -107,7 +107,7 @@ class CrossEncoderRewardModel:
         *,
         device: torch.device,
         version: str = "untrained",
-        max_batch: int = 128,
+        max_batch: int = 32,
     ) -> None:
         self.network = network.to(device)
         self.tokenizer = tokenizer
@@ -211,19 +211,43 @@ class CrossEncoderRewardModel:
         return self.network(**batch)
 
     def predict(self, queries: Sequence[AgreementQuery]) -> list[float]:
+        """Scores in [1, 7], in the order of `queries`.
+
+        Queries are sorted by token length and scored in chunks of `max_batch`, so
+        each chunk pads only to its own longest pair: attention and feed-forward
+        cost grow with padded length, and pair lengths vary a lot (short statements,
+        long opinions).
+        """
         if not queries:
             return []
-        scores: list[float] = []
+        scores: list[float] = [0.0] * len(queries)
         with self._lock, torch.inference_mode():
             was_training = self.network.training
             self.network.eval()
             try:
-                for start in range(0, len(queries), self.max_batch):
-                    chunk = queries[start : start + self.max_batch]
-                    scores.extend(float(s) for s in likert_from_logit(self.logits(chunk).float()).cpu())
+                for chunk in self._length_sorted_chunks(queries):
+                    logits = self.logits([queries[i] for i in chunk]).float()
+                    for index, score in zip(chunk, likert_from_logit(logits).cpu().tolist()):
+                        scores[index] = float(score)
             finally:
                 self.network.train(was_training)
         return scores
+
+    def _length_sorted_chunks(self, queries: Sequence[AgreementQuery]) -> list[list[int]]:
+        if len(queries) <= 1:
+            return [list(range(len(queries)))]
+        separator = self.tokenizer.sep_token or "|"
+        lengths = [
+            len(ids)
+            for ids in self.tokenizer(
+                [first_segment(q.question, q.opinion, separator) for q in queries],
+                [q.statement for q in queries],
+                truncation="longest_first",
+                max_length=self.config.max_length,
+            )["input_ids"]
+        ]
+        order = sorted(range(len(queries)), key=lambda i: lengths[i])
+        return [order[start : start + self.max_batch] for start in range(0, len(order), self.max_batch)]
 
 
 def _file_sha256(path: Path) -> str:
