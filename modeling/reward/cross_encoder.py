@@ -7,9 +7,9 @@ like the similarity baseline cannot see that "NOT" flips a statement):
     segment B: candidate statement
 
 Head: mean-pool the final hidden states of each segment separately (u, v; mean
-pooling is what all-MiniLM-L6-v2 was trained with), a linear layer over
-[u, v, u*v, |u-v|] to one logit z, and predicted agreement = 1 + 6 * sigmoid(z),
-so predictions always lie in [1, 7]. The logit z is also what the optional pairwise
+pooling is what all-MiniLM-L6-v2 was trained with), one logit
+z = a * cos(u, v) + linear([u, v, u*v, |u-v|]), and predicted agreement
+= 1 + 6 * sigmoid(z), so predictions always lie in [1, 7]. The logit z is also what the optional pairwise
 Bradley-Terry loss compares (training.py).
 
 A saved model is a self-contained directory: model.safetensors (encoder and head),
@@ -36,7 +36,7 @@ from .similarity import mean_pool, resolve_device, resolve_model_path
 
 REWARD_CONFIG_FILE = "reward_config.json"
 WEIGHTS_FILE = "model.safetensors"
-FORMAT_VERSION = 1  # bump when the saved layout or the head changes
+FORMAT_VERSION = 2  # bump when the saved layout or the head changes
 
 
 @dataclass
@@ -61,33 +61,51 @@ def logit_from_likert(score: float) -> float:
 
 
 class CrossEncoderRegressor(torch.nn.Module):
-    """Encoder over the pair + segment-wise pooling + linear head -> one logit per pair.
+    """Encoder over the pair + segment-wise pooling + head -> one logit per pair.
 
     Both segments go through the encoder together (so attention compares them),
     then each segment is mean-pooled on its own: u (question + opinion) and v
-    (statement). The head sees [u, v, u*v, |u-v|]. Agreement is largely an
-    interaction - "NOT" in the statement is good news for a participant whose
-    opinion also says "NOT" and bad news otherwise - and the product u*v makes such
-    interactions linear in the head's input from the first step, instead of waiting
-    for attention to learn them (which takes many more CPU steps).
+    (statement). The logit is
+
+        z = a * cos(u, v) + w . [u, v, u*v, |u-v|] + b
+
+    Agreement is an interaction between the two texts ("NOT" in the statement is
+    good news for a participant whose opinion also says "NOT", bad news otherwise),
+    which a linear function of pooled features cannot express until the encoder
+    has learned it. The cosine term is why training gets going quickly: it starts
+    as the similarity baseline (training initialises a > 0 and w = 0), so from the
+    first step the gradient through cos(u, v) pushes the encoder to pull agreeing
+    pairs together and push disagreeing ones apart. Without it, w starts near zero,
+    the encoder gets almost no gradient, and training sits at the mean for a
+    seed-dependent number of steps. The linear term then adds what the cosine
+    cannot say (e.g. neutral statements, general agreeableness).
     """
 
     def __init__(self, encoder: torch.nn.Module) -> None:
         super().__init__()
         self.encoder = encoder
         self.head = torch.nn.Linear(4 * encoder.config.hidden_size, 1)
+        self.cosine_scale = torch.nn.Parameter(torch.zeros(()))
 
-    def forward(
+    def pooled(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean-pooled (first segment, second segment) vectors."""
         hidden = self.encoder(
             input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
         ).last_hidden_state
         in_pair = attention_mask.bool()
         first = mean_pool(hidden, in_pair & (token_type_ids == 0))
         second = mean_pool(hidden, in_pair & (token_type_ids == 1))
+        return first, second
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
+    ) -> torch.Tensor:
+        first, second = self.pooled(input_ids, attention_mask, token_type_ids)
         features = torch.cat([first, second, first * second, (first - second).abs()], dim=-1)
-        return self.head(features).squeeze(-1)
+        cosine = torch.nn.functional.cosine_similarity(first, second, dim=-1)
+        return self.cosine_scale * cosine + self.head(features).squeeze(-1)
 
 
 def first_segment(question: str, opinion: str, separator: str) -> str:

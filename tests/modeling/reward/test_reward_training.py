@@ -178,6 +178,20 @@ def test_likert_logit_round_trip():
     assert float(likert_from_logit(torch.tensor(50.0))) == pytest.approx(7.0)
 
 
+def test_head_starts_as_a_calibrated_similarity_model(hm_questions):
+    from modeling.reward.training import _initialise_head
+
+    rows = make_synthetic_stance_rows(hm_questions, n_groups=3, seed=4)
+    model = CrossEncoderRewardModel.from_base(device="cpu", max_length=64, encoder_layers=1)
+    _initialise_head(model, rows, train_mean=3.5, cosine_scale=4.0)
+    assert float(model.network.cosine_scale.detach()) == 4.0
+    assert float(model.network.head.weight.detach().abs().sum()) == 0.0
+    predictions = model.predict([row.query for row in rows[:64]])
+    # Centred on the training mean, and spread by how similar each pair is.
+    assert sum(predictions) / len(predictions) == pytest.approx(3.5, abs=0.25)
+    assert max(predictions) - min(predictions) > 0.1
+
+
 def test_training_config_validation():
     for bad in ({"epochs": 0}, {"batch_size": 1}, {"pairwise_weight": -1.0}, {"trainable_layers": -1}):
         with pytest.raises(ValueError):
@@ -215,19 +229,19 @@ def test_synthetic_rows_follow_stance(hm_questions):
 # --- the done criterion -------------------------------------------------------------
 
 # Small enough for a couple of CPU cores: 20 groups (15 to train on, 360 rows), a
-# 2-layer MiniLM cross-encoder, short inputs, 3 epochs of batch 8 (~135 steps). The
-# learning rate is high for fine-tuning because there are so few steps; the model
-# sits at the constant-mean baseline for the first ~50 steps, then learns the
-# stance interaction.
+# 2-layer MiniLM cross-encoder, short inputs, 2 epochs of batch 8 (~90 steps). The
+# learning rate is high for fine-tuning because there are so few steps. The head
+# starts as a calibrated similarity model, which is what makes this few steps
+# enough for every seed tried (0-3), not just a lucky one.
 DONE_CRITERION_CONFIG = TrainingConfig(
-    epochs=3,
+    epochs=2,
     batch_size=8,
     learning_rate=2e-4,
     max_length=64,
     encoder_layers=2,
     pairwise_weight=0.5,
     validation_fraction=0.25,
-    patience=3,
+    patience=2,
     seed=0,
     device="cpu",
 )
