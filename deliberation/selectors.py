@@ -316,6 +316,8 @@ class MonitorCandidate:
     candidate: Candidate
     predictions: list[float | None]  # one per participant column
     ratings: list[Rating | None]
+    # Welfare of this candidate under every welfare function, from the predicted agreement.
+    welfare_by_method: list[float | None] = field(default_factory=list)
 
 
 @dataclass
@@ -328,6 +330,7 @@ class MonitorState:
     rankings: list[Ranking]
     rating_count: int
     explanation: str = ""
+    welfare_methods: list[str] = field(default_factory=list)
     # Each ranking as (participant label, statement numbers best first), in the "#" of the tables.
     ranking_rows: list[tuple[str, list[int]]] = field(default_factory=list)
 
@@ -358,25 +361,37 @@ def monitor_state(room: Room) -> MonitorState:
         rankings=rankings,
         ranking_rows=[(r.participant.label, [index_of[cid] for cid in r.order if cid in index_of]) for r in rankings],
         rating_count=sum(1 for row in rows for r in row.ratings if r is not None),
-        explanation=_why_it_won(rows, room.arm.welfare_method),
+        explanation=_explain_ranking(rows, participants, room.arm.welfare_method, room.arm.welfare_alpha),
+        welfare_methods=list(MONITOR_WELFARE_METHODS),
     )
 
 
-def _why_it_won(rows: list[MonitorCandidate], method: str) -> str:
-    ranked = [row for row in rows if row.candidate.rank is not None]
-    if len(ranked) < 1:
+# The columns of the monitor's welfare table, in the order researchers read them.
+MONITOR_WELFARE_METHODS = ("utilitarian", "rawlsian", "nash", "isoelastic", "borda", "schulze")
+
+
+def _explain_ranking(rows: list[MonitorCandidate], participants: list[Participant], method: str, alpha: float) -> str:
+    """Fill every row's welfare under each function, and say why the arm's function chose its winner."""
+    from modeling.welfare import explain_choice, rank_candidates
+
+    if not rows:
         return ""
-    best = ranked[0]
-    scores = [s for s in best.predictions if s is not None]
-    text = (
-        f"Statement #{best.candidate.index} has the highest {method} welfare "
-        f"({best.candidate.welfare:.2f}); its worst-off member is predicted at {min(scores):.2f}"
-        if scores and best.candidate.welfare is not None
-        else ""
+    # Members the reward model scored (an excluded member of an ablation arm has no predictions).
+    scored = [i for i in range(len(participants)) if all(row.predictions[i] is not None for row in rows)]
+    if not scored:
+        return ""
+    matrix = [[float(row.predictions[i]) for row in rows] for i in scored]  # type: ignore[arg-type]
+    for name in MONITOR_WELFARE_METHODS:
+        result = rank_candidates(matrix, method=name, alpha=alpha)
+        for row, value in zip(rows, result.welfare):
+            row.welfare_by_method.append(value)
+    chosen = rank_candidates(matrix, method=method, alpha=alpha)
+    return explain_choice(
+        matrix,
+        chosen,
+        candidate_labels=[f"#{row.candidate.index}" for row in rows],
+        participant_labels=[participants[i].label for i in scored],
     )
-    if len(ranked) > 1 and ranked[1].candidate.welfare is not None and best.candidate.welfare is not None:
-        text += f", ahead of #{ranked[1].candidate.index} at {ranked[1].candidate.welfare:.2f}."
-    return text
 
 
 def rooms_for_experiment(experiment: Experiment) -> QuerySet[Room]:

@@ -289,3 +289,24 @@ def test_a_failed_mediation_ends_the_round_instead_of_stalling(group) -> None:
     round_.refresh_from_db()
     assert round_.phase == Round.Phase.DONE and round_.outcome == Round.Outcome.FAILED
     assert "out of memory" in round_.mediation_error
+
+
+def test_the_monitor_shows_welfare_under_every_function_and_why_the_winner_won(group, rated_round: Round, researcher) -> None:
+    from django.test import Client
+    from django.urls import reverse
+
+    from deliberation import selectors
+    from modeling.welfare import rank_candidates
+
+    monitor = selectors.monitor_state(rated_round.room)
+    matrix = [[row.predictions[i] for row in monitor.candidates] for i in range(len(group))]
+    for column, method in enumerate(selectors.MONITOR_WELFARE_METHODS):
+        expected = rank_candidates(matrix, method=method, alpha=rated_round.room.arm.welfare_alpha).welfare
+        assert [row.welfare_by_method[column] for row in monitor.candidates] == pytest.approx(expected)
+    winner = monitor.candidates[0].candidate
+    assert winner.rank == 1 and f"#{winner.index} won on" in monitor.explanation
+    client = Client()
+    client.force_login(researcher)
+    page = client.get(reverse("room_monitor", args=[rated_round.room_id])).content.decode()
+    assert all(f'<th class="welfare-method">{m}</th>' in page for m in selectors.MONITOR_WELFARE_METHODS)
+    assert "worst-off member" in page
