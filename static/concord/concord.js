@@ -124,19 +124,33 @@
     });
   }
 
+  // Two renders can land back to back (the response and the push): keep the union of what
+  // was captured until it has been put back.
+  function remember(forms) {
+    pending = pending || {};
+    Object.keys(forms).forEach(function (formId) {
+      pending[formId] = Object.assign({}, pending[formId] || {}, forms[formId]);
+    });
+  }
+
   document.addEventListener("htmx:beforeSwap", function (event) {
     var target = event.detail.target;
     if (!target || target.id !== "main") return;
     var elt = event.detail.requestConfig && event.detail.requestConfig.elt;
     var form = elt && elt.closest ? elt.closest("form") : null;
-    pending = capture(target, form ? form.id : null);
+    var captured = capture(target, form ? form.id : null);
+    if (form && pending) delete pending[form.id];  // what the server just stored wins
+    remember(captured);
   });
   document.addEventListener("htmx:oobBeforeSwap", function (event) {
     var target = event.detail.target;
-    if (target && target.id === "main") pending = capture(target, null);
+    if (target && target.id === "main") remember(capture(target, null));
   });
-  document.addEventListener("htmx:load", function (event) {
+  // Both events fire synchronously on the swapped-in elements, before anything else can swap.
+  function putBack(event) {
     var main = event.target && event.target.id === "main" ? event.target : null;
     if (main && pending) { restore(main, pending); pending = null; }
-  });
+  }
+  document.addEventListener("htmx:afterSwap", putBack);
+  document.addEventListener("htmx:oobAfterSwap", putBack);
 })();
