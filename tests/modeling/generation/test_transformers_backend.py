@@ -135,3 +135,36 @@ def test_the_vllm_backend_explains_when_vllm_is_missing() -> None:
             get_generator("vllm", DEFAULT_MODEL_ALIAS, device="cpu")
     else:
         pytest.skip("vLLM is installed here; tests/modeling/generation/test_vllm_backend.py covers it")
+
+
+def test_sharing_the_prompt_prefix_changes_nothing_but_the_cost(generator: TransformersGenerator) -> None:
+    # Prompts of different lengths, so rows are padded between the shared prefix and their own suffix.
+    from modeling.generation.prompts import build_messages
+
+    prompts = [generator.render_chat(build_messages(QUESTION, OPINIONS[:k], list(range(k)))) for k in (1, 2, 4)]
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=12)
+    shared = generator.sample_prompts(prompts, sampling=greedy, seed=0)
+    generator.share_prompt_prefix = False
+    try:
+        separate = generator.sample_prompts(prompts, sampling=greedy, seed=0)
+    finally:
+        generator.share_prompt_prefix = True
+    assert [completion.text for completion in shared] == [completion.text for completion in separate]
+    assert [completion.prompt_tokens for completion in shared] == [completion.prompt_tokens for completion in separate]
+    assert len({completion.prompt_tokens for completion in shared}) == 3
+
+
+@pytest.mark.parametrize("sharpness", [0.3, 1.0, 4.0])  # flat (needs a large k) to peaked
+def test_the_fast_nucleus_keeps_exactly_the_tokens_a_full_sort_keeps(sharpness: float) -> None:
+    import torch
+    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+    from modeling.generation.transformers_backend import _temperature_nucleus_processor
+
+    generator_ = torch.Generator().manual_seed(0)
+    scores = torch.randn(6, 49152, generator=generator_) * sharpness
+    ids = torch.zeros(6, 1, dtype=torch.long)
+    ours = _temperature_nucleus_processor(0.9, 0.95)(ids, scores)
+    reference = TopPLogitsWarper(0.95)(ids, TemperatureLogitsWarper(0.9)(ids, scores.clone()))
+    assert torch.equal(torch.isfinite(ours), torch.isfinite(reference))
+    assert torch.allclose(ours[torch.isfinite(ours)], reference[torch.isfinite(reference)])
