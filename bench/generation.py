@@ -41,7 +41,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from modeling.generation.base import GenerationRequest, SamplingParams  # noqa: E402
-from modeling.generation.models import DEFAULT_MODEL_ALIAS, default_cache_dir, load_model, resolve_model  # noqa: E402
+from modeling.generation.models import (  # noqa: E402
+    DEFAULT_MODEL_ALIAS,
+    default_cache_dir,
+    load_model,
+    resolve_model,
+)
 from modeling.generation.prompts import plan_prompts  # noqa: E402
 from modeling.generation.transformers_backend import Completion, TransformersGenerator  # noqa: E402
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import difflib
 import logging
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 from .base import Candidate, GenerationError, ProgressCallback
 
@@ -42,6 +42,7 @@ _LEADING_LABEL_RE = re.compile(
 _NEXT_TURN_RE = re.compile(
     r"\n\s*(?:user|human|system|participant\s*\d*|question|opinion\s*\d*)\s*:", re.IGNORECASE
 )
+_QUOTE_MARKER_RE = re.compile(r"^[ \t]*(?:>[ \t]?)+", re.MULTILINE)
 _QUOTE_PAIRS = {'"': '"', "'": "'", "“": "”", "‘": "’", "«": "»", "„": "“"}
 _SENTENCE_END_RE = re.compile(r"[.!?…](?:[\"'”’)\]]*)(?=\s|$)")
 _WORD_RE = re.compile(r"[\w']+", re.UNICODE)
@@ -88,6 +89,9 @@ class CleaningOptions:
     max_extra_rounds: int = DEFAULT_MAX_EXTRA_ROUNDS
 
 
+DEFAULT_CLEANING = CleaningOptions()
+
+
 def _strip_surrounding_quotes(text: str) -> str:
     while len(text) >= 2 and _QUOTE_PAIRS.get(text[0]) == text[-1]:
         inner = text[1:-1].strip()
@@ -131,6 +135,9 @@ def clean_statement(text: str, *, hit_token_limit: bool = False, max_chars: int 
         cleaned = _LEADING_LABEL_RE.sub("", cleaned, count=1).strip()
         cleaned = _strip_surrounding_quotes(cleaned)
 
+    # Our prompt quotes opinions line by line with "> "; a model that copies the style
+    # should not leave quote markers in the statement.
+    cleaned = _QUOTE_MARKER_RE.sub("", cleaned)
     # One statement, one paragraph: whitespace runs (newlines included) become single spaces.
     cleaned = " ".join(cleaned.split())
     if hit_token_limit:
@@ -199,7 +206,7 @@ def collect_statements(
     sampler: Sampler,
     n: int,
     *,
-    options: CleaningOptions = CleaningOptions(),
+    options: CleaningOptions = DEFAULT_CLEANING,
     on_accepted: Callable[[int], None] | None = None,
     instructions: Sequence[str] = (),
 ) -> list[CleanSample]:

@@ -238,7 +238,8 @@ def _convert_gguf(source: ModelSource, target: Path) -> None:
     existing non-empty one fails, so the first finisher wins and the others discard
     their copy; nobody ever sees a half-written checkpoint.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer, __version__ as transformers_version
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import __version__ as transformers_version
 
     assert source.sha256 is not None
     gguf_path = Path(source.location)

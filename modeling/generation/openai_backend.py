@@ -25,13 +25,21 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .base import Candidate, GenerationError, GenerationRequest, ProgressCallback, SamplingParams
-from .cleaning import CleaningOptions, ProgressReporter, RawSample, build_candidates, collect_statements
+from .cleaning import (
+    DEFAULT_CLEANING,
+    CleaningOptions,
+    ProgressReporter,
+    RawSample,
+    build_candidates,
+    collect_statements,
+)
 from .prompts import INSTRUCTION_TEXTS, ChatMessage, PromptPlan, derive_seed, plan_prompts
 
 logger = logging.getLogger(__name__)
@@ -89,7 +97,7 @@ class OpenAIGenerator:
         max_retries: int = 3,
         backoff_s: float = 0.5,
         max_concurrency: int = 8,
-        cleaning: CleaningOptions = CleaningOptions(),
+        cleaning: CleaningOptions = DEFAULT_CLEANING,
         device: str = "auto",  # accepted for registry symmetry; the server owns the device
         cache_dir: Path | None = None,  # likewise unused: no weights are loaded here
     ) -> None:
@@ -185,7 +193,7 @@ class OpenAIGenerator:
                     f"HTTP {error.code} from {self.url}: {detail}", retry_after=_retry_after_seconds(error)
                 ) from error
             raise GenerationError(f"HTTP {error.code} from {self.url}: {detail}") from error
-        except (TimeoutError, socket.timeout) as error:
+        except TimeoutError as error:
             raise TransientServerError(f"no response from {self.url} within {self.timeout_s}s") from error
         except urllib.error.URLError as error:
             if isinstance(error.reason, (TimeoutError, socket.timeout)):

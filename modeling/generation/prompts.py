@@ -24,8 +24,9 @@ import hashlib
 import random
 import re
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 ChatMessage = dict[str, str]
 

@@ -23,12 +23,20 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from .base import Candidate, GenerationError, GenerationRequest, ProgressCallback, SamplingParams
-from .cleaning import CleaningOptions, ProgressReporter, RawSample, build_candidates, collect_statements
+from .cleaning import (
+    DEFAULT_CLEANING,
+    CleaningOptions,
+    ProgressReporter,
+    RawSample,
+    build_candidates,
+    collect_statements,
+)
 from .models import DEFAULT_MODEL_ALIAS, LoadedModel, load_model
 from .prompts import INSTRUCTION_TEXTS, ChatMessage, derive_seed, plan_prompts, render_chat
 
@@ -154,7 +162,7 @@ class TransformersGenerator:
         num_threads: int | None = None,
         dtype: torch.dtype | None = None,
         allow_hub_download: bool | None = None,
-        cleaning: CleaningOptions = CleaningOptions(),
+        cleaning: CleaningOptions = DEFAULT_CLEANING,
         share_prompt_prefix: bool = True,
     ) -> None:
         import torch

@@ -20,11 +20,19 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .base import Candidate, GenerationError, GenerationRequest, ProgressCallback, SamplingParams
-from .cleaning import CleaningOptions, ProgressReporter, RawSample, build_candidates, collect_statements
+from .cleaning import (
+    DEFAULT_CLEANING,
+    CleaningOptions,
+    ProgressReporter,
+    RawSample,
+    build_candidates,
+    collect_statements,
+)
 from .models import DEFAULT_MODEL_ALIAS, ensure_checkpoint_dir, resolve_model
 from .prompts import INSTRUCTION_TEXTS, ChatMessage, derive_seed, plan_prompts, render_chat
 
@@ -52,7 +60,7 @@ class VLLMGenerator:
         dtype: str = "auto",
         max_model_len: int = 4096,
         gpu_memory_utilization: float | None = None,
-        cleaning: CleaningOptions = CleaningOptions(),
+        cleaning: CleaningOptions = DEFAULT_CLEANING,
         **engine_options: Any,
     ) -> None:
         vllm = _import_vllm()

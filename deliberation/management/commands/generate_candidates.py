@@ -21,7 +21,7 @@ from modeling.generation.registry import BACKENDS, get_generator
 class Command(BaseCommand):
     help = "Sample N candidate consensus statements for a question and a set of opinions."
     # Pure computation: no system checks (they may inspect the database) and no migrations check.
-    requires_system_checks: list[str] = []
+    requires_system_checks: tuple[str, ...] = ()
     requires_migrations_checks = False
 
     def add_arguments(self, parser: CommandParser) -> None:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import pytest
 
 from modeling.generation.base import GenerationError
-from modeling.generation.prompts import INSTRUCTION_TEXTS, SYSTEM_PROMPT
 from modeling.generation.cleaning import (
     CleaningOptions,
     ProgressReporter,
@@ -18,6 +17,7 @@ from modeling.generation.cleaning import (
     is_near_duplicate,
     similarity,
 )
+from modeling.generation.prompts import INSTRUCTION_TEXTS, SYSTEM_PROMPT
 
 
 @pytest.mark.parametrize(
@@ -33,6 +33,8 @@ from modeling.generation.cleaning import (
         ("We agree on parks.\nUser: thanks!", "We agree on parks."),
         ("  We agree\n\non   parks.  ", "We agree on parks."),
         ("AI-driven parks help us all.", "AI-driven parks help us all."),
+        ("> We agree on parks.\n> > And on benches.", "We agree on parks. And on benches."),  # copied quoting
+        ("Costs > benefits, we think.", "Costs > benefits, we think."),
         ("\u202aWe agree\u202c on\u200b parks.", "We agree on parks."),  # invisible/bidi characters
         # Quotes that are part of the text are not "surrounding" quotes.
         ('"Green" spaces and "safe" paths.', '"Green" spaces and "safe" paths.'),

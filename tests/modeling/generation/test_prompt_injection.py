@@ -65,7 +65,7 @@ def test_the_prompt_neutralises_the_attack(attacked: dict[str, list[Candidate]],
         assert "```" not in user and "###" not in user
         for block in re.findall(r"<opinion n=\"\d\">\n(.*?)\n</opinion>", user, re.DOTALL):
             assert all(line.startswith(">") for line in block.split("\n"))
-        assert not re.search(r"^\s*(participant \d+ says|new instruction|system|assistant)\s*:", user, re.I | re.M)
+        assert not re.search(r"^\s*(participant \d+ says|new instruction|system|assistant)\s*:", user, re.IGNORECASE | re.MULTILINE)
         # The attacker's words are still there, as quoted text, for the mediator to weigh.
         assert "BANANA" in user
 
