@@ -7,6 +7,8 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 STAMP := $(VENV)/.installed
 CHROMIUM ?= /usr/bin/chromium
+# libgomp's spinning threads slow a batch 5-10x on a shared machine (docs/benchmarks.md).
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: setup run worker test test-unit test-e2e bench migrate clean
 
