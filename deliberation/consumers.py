@@ -21,7 +21,7 @@ from django.db import DatabaseError, connection
 from django.template.loader import render_to_string
 
 from . import selectors, services
-from .events import room_group
+from .events import PRIVATE_TO_PARTICIPANT, room_group
 from .models import Participant, Room
 from .views import SESSION_KEY
 
@@ -106,6 +106,8 @@ class ParticipantConsumer(AsyncWebsocketConsumer):
             await self.push(full=True)
 
     async def room_event(self, event: dict[str, Any]) -> None:
+        if event.get("event") in PRIVATE_TO_PARTICIPANT and event.get("participant_id") != self.participant.pk:
+            return  # another member's rating: nothing on this screen depends on it
         # An event only says "this room changed" and a render reads the current state, so events
         # that arrive while a render is under way need one more render after it, not one each.
         # Under load (a phase change is two events; hundreds of rooms share one process) this keeps

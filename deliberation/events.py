@@ -74,9 +74,25 @@ class CandidatesReady(RoomEvent):
 
 @dataclass(frozen=True)
 class RatingSubmitted(RoomEvent):
+    """One participant's answer on the rating page. Only that participant's screen (and the
+    researcher's monitor) shows it, so the other members' sockets skip it."""
+
     type_name: ClassVar[str] = "rating.submitted"
     round_id: int
     participant_id: int
+
+
+@dataclass(frozen=True)
+class ParticipantFinished(RoomEvent):
+    """A participant submitted their ranking: everyone's presence list shows them as finished."""
+
+    type_name: ClassVar[str] = "participant.finished"
+    round_id: int
+    participant_id: int
+
+
+# Events that change only what their own participant sees.
+PRIVATE_TO_PARTICIPANT = frozenset({RatingSubmitted.type_name})
 
 
 def send_now(event: RoomEvent) -> None:

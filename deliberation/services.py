@@ -702,7 +702,7 @@ def ranking_submit(*, participant: Participant, positions: dict[int, object]) ->
         ranking = Ranking.objects.create(participant=participant, round=round_, order=order)
         participant.finished_at = timezone.now()
         participant.save(update_fields=["finished_at"])
-        events.send_on_commit(events.RatingSubmitted(room_id=participant.room_id, round_id=round_.pk, participant_id=participant.pk))
+        events.send_on_commit(events.ParticipantFinished(room_id=participant.room_id, round_id=round_.pk, participant_id=participant.pk))
         raters = _raters(round_)
         still_rating = Participant.objects.filter(
             pk__in=raters, finished_at__isnull=True, dropped_out_at__isnull=True
