@@ -93,7 +93,9 @@ class LoadConfig:
     rooms: int = 100
     group_size: int = 5
     # Opinions are spread uniformly over this many seconds, once every socket is open.
-    opinion_window_s: float = 30.0
+    # 100 rooms that start together, with a 300 s opinion phase: a 60 s window puts the whole cohort's
+    # opinions in a fifth of it. --opinion-window 30 is a harsher stress test.
+    opinion_window_s: float = 60.0
     # A participant pauses up to this long before each rating, as people read before they click.
     rating_pause_s: float = 3.0
     # 8 candidates, not the default 16: the worker embeds every one with the real reward model on this
@@ -359,11 +361,22 @@ class ResourceSampler:
 
     def __init__(self, processes: dict[str, int], *, database: str) -> None:
         self.processes = {name: psutil.Process(pid) for name, pid in processes.items()}
+        # CPU is also followed for PostgreSQL (with its backends) and Redis.
+        self.cpu_processes = self.processes | shared_services()
         self.peak_rss: dict[str, int] = {name: 0 for name in processes}
         self.database = database
         self.peak_db_connections = 0
+        # (monotonic time, machine CPU busy %, {process: % of one core}) about once a second.
+        self.cpu_timeline: list[tuple[float, float, dict[str, float]]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def _cpu_seconds_by_process(self) -> dict[str, float]:
+        seconds = {}
+        for name, process in self.cpu_processes.items():
+            with contextlib.suppress(psutil.Error):
+                seconds[name] = CpuWindow.cpu_seconds(process)
+        return seconds
 
     def __enter__(self) -> ResourceSampler:
         self._thread.start()
@@ -378,8 +391,19 @@ class ResourceSampler:
 
         admin = psycopg2.connect(POSTGRES_ADMIN_URL)
         admin.autocommit = True
+        psutil.cpu_percent(None)
+        last_at = time.monotonic()
+        last_cpu = self._cpu_seconds_by_process()
         try:
             while not self._stop.wait(self.INTERVAL_S):
+                now = time.monotonic()
+                if now - last_at >= 1.0:
+                    cpu = self._cpu_seconds_by_process()
+                    per_process = {
+                        name: round(100.0 * (cpu[name] - last_cpu[name]) / (now - last_at), 1) for name in cpu if name in last_cpu
+                    }
+                    self.cpu_timeline.append((now, psutil.cpu_percent(None), per_process))
+                    last_at, last_cpu = now, cpu
                 for name, process in self.processes.items():
                     with contextlib.suppress(psutil.Error):
                         self.peak_rss[name] = max(self.peak_rss[name], process.memory_info().rss)
@@ -390,9 +414,26 @@ class ResourceSampler:
             admin.close()
 
 
+def shared_services() -> dict[str, psutil.Process]:
+    """The PostgreSQL postmaster and the Redis server on this machine (shared with anything else using them)."""
+    found: dict[str, psutil.Process] = {}
+    for process in psutil.process_iter(["name", "ppid"]):
+        with contextlib.suppress(psutil.Error):
+            name = process.info["name"] or ""
+            if name == "redis-server":
+                found.setdefault("redis", process)
+            elif name in {"postgres", "postmaster"} and psutil.Process(process.info["ppid"]).name() not in {"postgres", "postmaster"}:
+                found.setdefault("postgres", process)
+    return found
+
+
 @dataclass
 class CpuWindow:
-    """CPU seconds each process (and the whole machine) used between start() and stop()."""
+    """CPU seconds each process (and the whole machine) used between start() and stop().
+
+    For the PostgreSQL postmaster, its backends count too: the ones still running and the ones
+    that exited (the kernel adds a reaped child's time to its parent's children times).
+    """
 
     processes: dict[str, psutil.Process]
     started_at: float = 0.0
@@ -403,21 +444,28 @@ class CpuWindow:
     _system_start: Any = None
 
     @staticmethod
-    def _cpu_seconds(process: psutil.Process) -> float:
+    def cpu_seconds(process: psutil.Process) -> float:
         times = process.cpu_times()
-        return times.user + times.system
+        total = times.user + times.system
+        if process.name() in {"postgres", "postmaster"}:
+            total += times.children_user + times.children_system
+            for child in process.children():
+                with contextlib.suppress(psutil.Error):
+                    child_times = child.cpu_times()
+                    total += child_times.user + child_times.system
+        return total
 
     def start(self) -> None:
         self.started_at = time.monotonic()
         self._system_start = psutil.cpu_times()
-        self.start_times = {name: self._cpu_seconds(p) for name, p in self.processes.items()}
+        self.start_times = {name: self.cpu_seconds(p) for name, p in self.processes.items()}
 
     def stop(self) -> None:
         self.wall_s = time.monotonic() - self.started_at
         end = psutil.cpu_times()
         for name, process in self.processes.items():
             with contextlib.suppress(psutil.Error):
-                self.used_s[name] = self._cpu_seconds(process) - self.start_times[name]
+                self.used_s[name] = self.cpu_seconds(process) - self.start_times[name]
         idle = (end.idle + getattr(end, "iowait", 0.0)) - (self._system_start.idle + getattr(self._system_start, "iowait", 0.0))
         total = sum(end) - sum(self._system_start)
         self.system_busy_percent = 100.0 * (1 - idle / total) if total > 0 else 0.0
@@ -705,8 +753,10 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[rank - 1]
 
 
-def fanout_latencies(clients: list[LoadClient], opinion_order_by_room: dict[int, list[str]]) -> tuple[list[float], int]:
-    """(latencies in ms, pairs that never saw the submission) for every (submitter, other member) pair."""
+def fanout_latencies(
+    clients: list[LoadClient], opinion_order_by_room: dict[int, list[str]]
+) -> tuple[list[tuple[float, float]], int]:
+    """([(POST start, latency in ms)], pairs that never saw the submission) for every (submitter, other member) pair."""
     by_code = {client.code: client for client in clients if client.code}
     by_room: dict[int, list[LoadClient]] = {}
     for client in clients:
@@ -726,7 +776,7 @@ def fanout_latencies(clients: list[LoadClient], opinion_order_by_room: dict[int,
                 if not seen:
                     missed += 1
                     continue
-                latencies.append((min(seen) - submitter.opinion_post_started_at) * 1000)
+                latencies.append((submitter.opinion_post_started_at, (min(seen) - submitter.opinion_post_started_at) * 1000))
     return latencies, missed
 
 
@@ -763,6 +813,17 @@ def statements_push_seconds(clients: list[LoadClient]) -> list[float]:
     return seconds
 
 
+def cpu_in_bucket(sampler: ResourceSampler, *, start: float, length_s: float = 10.0) -> dict[str, float]:
+    """Mean machine CPU (% busy) and per-process CPU (% of one core) over [start, start + length)."""
+    samples = [(busy, per_process) for at, busy, per_process in sampler.cpu_timeline if start <= at < start + length_s]
+    if not samples:
+        return {}
+    means = {"machine_cpu_busy_percent": round(statistics.fmean(busy for busy, _ in samples), 1)}
+    for name in samples[0][1]:
+        means[f"{name}_cpu_percent"] = round(statistics.fmean(per.get(name, 0.0) for _, per in samples), 1)
+    return means
+
+
 def _ms(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
 
@@ -771,7 +832,13 @@ def summarise(config: LoadConfig, recorder: Recorder, clients: list[LoadClient],
               sampler: ResourceSampler, cpu: CpuWindow, load_before: tuple[float, float, float]) -> dict[str, Any]:
     peak_rss = sampler.peak_rss
     rows, opinion_order, completed = database_counts(fixture)
-    latencies, missed = fanout_latencies(clients, opinion_order)
+    timed_latencies, missed = fanout_latencies(clients, opinion_order)
+    latencies = [latency for _, latency in timed_latencies]
+    # When in the opinion window the slow ones happened: 10 s buckets from the first opinion POST.
+    first_post = min((at for at, _ in timed_latencies), default=0.0)
+    buckets: dict[int, list[float]] = {}
+    for at, latency in timed_latencies:
+        buckets.setdefault(int((at - first_post) // 10), []).append(latency)
     lost = {kind: max(0, recorder.acknowledged[kind] - rows[kind]) for kind in ("opinion", "rating", "ranking")}
     submissions = sum(recorder.acknowledged[kind] for kind in ("opinion", "rating", "ranking"))
     if recorder.submit_times:
@@ -801,6 +868,16 @@ def summarise(config: LoadConfig, recorder: Recorder, clients: list[LoadClient],
         "p99_fanout_ms": _ms(percentile(latencies, 99)),
         "max_fanout_ms": _ms(max(latencies) if latencies else None),
         "fanout_samples": len(latencies),
+        "fanout_by_10s": [
+            {
+                "from_s": bucket * 10,
+                "samples": len(values),
+                "p50_ms": _ms(percentile(values, 50)),
+                "p95_ms": _ms(percentile(values, 95)),
+                **cpu_in_bucket(sampler, start=first_post + bucket * 10),
+            }
+            for bucket, values in sorted(buckets.items())
+        ],
         "fanout_missed": missed,
         "submissions": {kind: recorder.acknowledged[kind] for kind in ("opinion", "rating", "ranking")},
         "submissions_per_s": round(submissions / span, 1) if span else None,
@@ -831,8 +908,9 @@ def summarise(config: LoadConfig, recorder: Recorder, clients: list[LoadClient],
             "other machines, so here the worker gets one torch thread and nice 10 to keep it from starving the web tier",
             "rate limits off for the run (RATE_LIMIT_JOIN_PER_IP=0, RATE_LIMIT_SUBMIT_PER_PARTICIPANT=0, "
             "RATE_LIMIT_DRAFT_PER_PARTICIPANT=0): every client shares 127.0.0.1",
-            "clients, servers, PostgreSQL and Redis share this machine's cores; the client process's CPU is "
-            "reported as bench_clients",
+            "clients, servers, PostgreSQL and Redis share this machine's cores with anything else running on it "
+            "(see machine.load_average_before); CPU is per process in % of one core: bench_clients is the client "
+            "process, postgres and redis include their use by anything else during the run",
             "fan-out: from just before a member's opinion POST to each other member's socket delivering the status "
             "with the new count (one process's monotonic clock)",
         ],
@@ -904,7 +982,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load: starting {config.daphne_processes} daphne process(es) and a Celery worker (logs in {LOG_DIR})", file=sys.stderr)
     with running_site(config, env) as site:
         watched = {f"daphne-{i}": p.pid for i, p in enumerate(site.daphnes)} | {"worker": site.worker.pid, "bench_clients": os.getpid()}
-        cpu = CpuWindow(processes={name: psutil.Process(pid) for name, pid in watched.items()})
+        cpu = CpuWindow(processes={name: psutil.Process(pid) for name, pid in watched.items()} | shared_services())
         print(f"load: {config.participants} clients in {config.rooms} rooms", file=sys.stderr)
         with ResourceSampler(watched, database=config.database) as sampler:
             cpu.start()
