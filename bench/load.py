@@ -66,7 +66,9 @@ DOCS_BEGIN, DOCS_END = "<!-- load:begin -->", "<!-- load:end -->"
 LOG_DIR = ROOT / "var" / "bench-load"
 POSTGRES_ADMIN_URL = "postgres://postgres@127.0.0.1:5432/postgres"
 BENCH_SECRET_KEY = "bench-load-not-a-secret-loopback-only"
-WORKER_NICENESS = 10
+# The lowest priority: in production the worker runs on other machines, so here its reward model
+# (torch on CPU) may only use what the web tier leaves.
+WORKER_NICENESS = 19
 
 _STATUS_PHASE_RE = re.compile(r'<section id="status"[^>]*data-phase="(?P<phase>[a-z_]+)"')
 _OPINION_COUNT_RE = re.compile(r"<p>(?P<count>\d+) of (?P<expected>\d+) opinions are in\.</p>")
@@ -96,13 +98,18 @@ class LoadConfig:
     # 100 rooms that start together, with a 300 s opinion phase: a 60 s window puts the whole cohort's
     # opinions in a fifth of it. --opinion-window 30 is a harsher stress test.
     opinion_window_s: float = 60.0
-    # A participant pauses up to this long before each rating, as people read before they click.
-    rating_pause_s: float = 3.0
+    # After the last socket opens, the renders its joining caused are let finish before the window opens,
+    # so the window measures the steady state with every socket open, not the tail of the joins.
+    settle_s: float = 5.0
+    # Before each rating a participant reads the statement: a pause drawn from this range (seconds).
+    # People take longer; bots with no pause (--rating-pause 0 3) make a stress test instead.
+    rating_pause_s: tuple[float, float] = (5.0, 15.0)
     # 8 candidates, not the default 16: the worker embeds every one with the real reward model on this
     # machine's CPU, and the benchmark is about the web tier. Each participant still rates 4 and ranks them.
     n_candidates: int = 8
     k_shown: int = 4
-    daphne_processes: int = 1
+    # One daphne per core, as docs/deploy.md advises: each has its own event loop and GIL.
+    daphne_processes: int = 2
     join_concurrency: int = 20
     database: str = "concord_load"
     redis_db: int = 3
@@ -132,7 +139,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[LoadConfig, argparse.Name
     parser.add_argument("--rooms", type=int, default=defaults.rooms)
     parser.add_argument("--group-size", type=int, default=defaults.group_size)
     parser.add_argument("--opinion-window", type=float, default=defaults.opinion_window_s, help="seconds over which opinions arrive")
-    parser.add_argument("--rating-pause", type=float, default=defaults.rating_pause_s, help="longest pause before each rating")
+    parser.add_argument("--settle", type=float, default=defaults.settle_s, help="seconds between the last socket opening and the window")
+    parser.add_argument("--rating-pause", type=float, nargs=2, metavar=("MIN", "MAX"), default=defaults.rating_pause_s,
+                        help="seconds of reading before each rating, drawn uniformly from [MIN, MAX]")
     parser.add_argument("--n", type=int, default=defaults.n_candidates, help="candidates per round")
     parser.add_argument("--k", type=int, default=defaults.k_shown, help="candidates shown to each participant")
     parser.add_argument("--daphne-processes", type=int, default=defaults.daphne_processes)
@@ -154,7 +163,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[LoadConfig, argparse.Name
         rooms=args.rooms,
         group_size=args.group_size,
         opinion_window_s=args.opinion_window,
-        rating_pause_s=args.rating_pause,
+        settle_s=args.settle,
+        rating_pause_s=(min(args.rating_pause), max(args.rating_pause)),
         n_candidates=args.n,
         k_shown=args.k,
         daphne_processes=args.daphne_processes,
@@ -315,7 +325,13 @@ def running_site(config: LoadConfig, env: dict[str, str]) -> Iterator[Site]:
         process = subprocess.Popen(
             command, cwd=ROOT, env={**process_env, **(extra_env or {})}, stdout=log, stderr=subprocess.STDOUT,
             preexec_fn=(lambda: os.nice(niceness)) if niceness else None,
+            # Linux shares CPU between sessions ("autogroups") before it looks at nice values, so a
+            # deprioritised process gets a session of its own, with that session's niceness lowered too.
+            start_new_session=bool(niceness),
         )
+        if niceness:
+            with contextlib.suppress(OSError):
+                Path(f"/proc/{process.pid}/autogroup").write_text(str(niceness))
         processes.append(process)
         return process
 
@@ -673,7 +689,7 @@ class LoadClient:
         # Nobody writes before every socket is open: the measurement runs at full load.
         await asyncio.wait_for(self.recorder.all_connected.wait(), timeout=self.config.time_limit_s)
         await self.wait_for_view("opinions")
-        await asyncio.sleep(self.rng.uniform(0, self.config.opinion_window_s))
+        await asyncio.sleep(self.config.settle_s + self.rng.uniform(0, self.config.opinion_window_s))
         self.opinion_post_started_at = time.monotonic()
         await self._submit("opinion", f"p/{self.code}/opinion/", {"text": self.opinion_text()})
 
@@ -684,7 +700,7 @@ class LoadClient:
         if not candidate_ids:
             raise self.fail("rating view without statements", self.main_html[:200])
         for candidate_id in candidate_ids:
-            await asyncio.sleep(self.rng.uniform(0, self.config.rating_pause_s))
+            await asyncio.sleep(self.rng.uniform(*self.config.rating_pause_s))
             agreement, quality = self.rng.randint(1, 7), self.rng.randint(1, 7)
             await self._submit("rating", f"p/{self.code}/rate/{candidate_id}/", {"agreement": str(agreement), "quality": str(quality)})
         order = list(candidate_ids)
@@ -905,7 +921,7 @@ def summarise(config: LoadConfig, recorder: Recorder, clients: list[LoadClient],
             "stand-in generator (modeling/generation/standin.py): statements are written instantly, so the figures "
             "measure the web tier (daphne, Redis channel layer, PostgreSQL, consumers), not the model",
             "reward model: the real similarity model (MiniLM), on the Celery worker; in production GPU workers run on "
-            "other machines, so here the worker gets one torch thread and nice 10 to keep it from starving the web tier",
+            "other machines, so here the worker gets one torch thread and nice 19: it uses only what the web tier leaves",
             "rate limits off for the run (RATE_LIMIT_JOIN_PER_IP=0, RATE_LIMIT_SUBMIT_PER_PARTICIPANT=0, "
             "RATE_LIMIT_DRAFT_PER_PARTICIPANT=0): every client shares 127.0.0.1",
             "clients, servers, PostgreSQL and Redis share this machine's cores with anything else running on it "

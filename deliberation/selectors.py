@@ -195,7 +195,9 @@ def room_state_for(participant: Participant) -> ParticipantState:
     )
     if round_.phase in (Round.Phase.RATING, Round.Phase.DONE):
         ratings = {r.candidate_id: r for r in Rating.objects.filter(participant=participant, candidate__round=round_)}
+        source_arm_of: dict[int, int | None] = {}
         for presentation in Presentation.objects.filter(participant=participant, candidate__round=round_).select_related("candidate"):
+            source_arm_of[presentation.candidate_id] = presentation.candidate.source_arm_id
             rating = ratings.get(presentation.candidate_id)
             state.statements.append(
                 StatementRow(
@@ -207,7 +209,7 @@ def room_state_for(participant: Participant) -> ParticipantState:
                 )
             )
         state.ranking = Ranking.objects.filter(participant=participant, round=round_).first()
-        _add_protocol_items(state)
+        _add_protocol_items(state, source_arm_of=source_arm_of)
     # A release ends the round, so only a finished round can have one (saves a query per render).
     state.released = round_.phase == Round.Phase.DONE and Release.objects.filter(participant=participant).exists()
     if participant.finished_at is not None or round_.phase == Round.Phase.DONE:
@@ -228,6 +230,11 @@ def preference_pairs(*, participant: Participant, round_: Round) -> list[tuple[i
         .order_by("position")
         .values_list("candidate_id", "candidate__source_arm_id")
     )
+    return _pairs_across_arms(presented)
+
+
+def _pairs_across_arms(presented: list[tuple[int, int | None]]) -> list[tuple[int, int]]:
+    """(candidate id, source arm id) in the order seen -> the pairs of statements from different arms."""
     return [
         (first_id, second_id)
         for i, (first_id, first_arm) in enumerate(presented)
@@ -269,16 +276,19 @@ def protocol_todo(*, participant: Participant, round_: Round) -> ProtocolTodo:
     )
 
 
-def _add_protocol_items(state: ParticipantState) -> None:
+def _add_protocol_items(state: ParticipantState, *, source_arm_of: dict[int, int | None]) -> None:
     participant, round_ = state.participant, state.round
     if not state.statements:
         return  # not a rater in this round
     position_of = {s.candidate_id: s.position for s in state.statements}
+    # Every socket re-reads this on every event: the pairs come from the presentations already read
+    # (statements are in the order seen), and the answers are only read when there are pairs to answer.
+    pairs = _pairs_across_arms([(s.candidate_id, source_arm_of.get(s.candidate_id)) for s in state.statements])
     chosen = {
         (p.candidate_a_id, p.candidate_b_id): p.preferred_id
         for p in PairwisePreference.objects.filter(participant=participant, round=round_)
-    }
-    for first, second in preference_pairs(participant=participant, round_=round_):
+    } if pairs else {}
+    for first, second in pairs:
         state.preferences.append(
             PreferenceRow(
                 candidate_a_id=first,
@@ -288,7 +298,11 @@ def _add_protocol_items(state: ParticipantState) -> None:
                 preferred_id=chosen.get(tuple(sorted((first, second)))),
             )
         )
-    given = dict(OpinionRating.objects.filter(participant=participant, opinion__round=round_).values_list("opinion_id", "agreement"))
+    given = (
+        dict(OpinionRating.objects.filter(participant=participant, opinion__round=round_).values_list("opinion_id", "agreement"))
+        if state.experiment.rate_opinions  # otherwise there are no opinions to rate (opinions_to_rate)
+        else {}
+    )
     for position, opinion in enumerate(opinions_to_rate(participant=participant, round_=round_), start=1):
         state.opinions_to_rate.append(OpinionRow(opinion_id=opinion.pk, position=position, text=opinion.text, agreement=given.get(opinion.pk)))
     if state.experiment.attention_check:
