@@ -3,13 +3,20 @@
 Events only say that a room changed. Each participant gets their own partial,
 because what they see (order of statements, their forms, their arm) differs.
 On connect — which includes every reconnect — the full state is sent.
+
+When the channel layer fails (Redis restarting), every socket of this process is closed with
+1012 ("service restart"), which browsers reconnect on: group memberships live in Redis, so a
+restart without persistence forgets them, and a socket left open would silently miss every
+event from then on. Reconnecting joins the group again and renders the full current state.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -29,6 +36,23 @@ logger = logging.getLogger(__name__)
 
 # Participants never send more than a ping; anything bigger is abuse.
 MAX_CLIENT_FRAME_BYTES = 4096
+# "Service restart": concord.js and htmx both reconnect on it.
+CHANNEL_LAYER_LOST_CLOSE_CODE = 1012
+
+
+def _channel_layer_errors() -> tuple[type[BaseException], ...]:
+    # What the Redis channel layer raises when Redis is unreachable; the in-memory layer raises none.
+    errors: list[type[BaseException]] = [ConnectionError]
+    try:
+        from redis.exceptions import RedisError
+    except ImportError:  # pragma: no cover - redis is a dependency of channels-redis and Celery
+        pass
+    else:
+        errors.append(RedisError)
+    return tuple(errors)
+
+
+CHANNEL_LAYER_ERRORS = _channel_layer_errors()
 
 # Every socket of this process is re-rendered on these few long-lived threads, in parallel, and
 # each thread keeps its database connection: a render is a handful of short queries, and opening
@@ -63,9 +87,83 @@ def close_render_connections() -> None:
     executor.shutdown(wait=True)
 
 
-class ParticipantConsumer(AsyncWebsocketConsumer):
-    participant: Participant
+# The sockets of this process that are in (or joining) a room group, to be closed when the layer fails.
+_grouped_sockets: "weakref.WeakSet[RoomSocketConsumer]" = weakref.WeakSet()
+
+
+def _channel_layer_lost(*, noticed_by: "RoomSocketConsumer") -> None:
+    """One socket's receive (or group call) failed: the others' group memberships may be gone too.
+
+    All sockets of a process share one blocking read on Redis, so when Redis goes away one of them
+    fails at once; the others would wait, and might reconnect to a fresh Redis that knows none of
+    their groups. So all of them are closed, and their clients reconnect.
+    """
+    others = [consumer for consumer in list(_grouped_sockets) if consumer is not noticed_by]
+    logger.warning("Channel layer failed: closing %d socket(s) so that their clients reconnect", len(others) + 1)
+    for consumer in others:
+        consumer.channel_layer_lost()
+
+
+class RoomSocketConsumer(AsyncWebsocketConsumer):
+    """A socket in a room's group that survives the channel layer failing: it closes, and the client reconnects."""
+
     group: str
+    accepted: bool = False
+    layer_lost: bool = False
+    close_task: asyncio.Task[None] | None = None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except CHANNEL_LAYER_ERRORS:
+            # The layer's receive (or connect's group_add) failed and ended the consumer's loop.
+            # Unhandled, daphne would log it and close with 1011, but disconnect() would never run.
+            logger.warning("Channel layer failed under socket %s", getattr(self, "channel_name", "?"), exc_info=True)
+            _grouped_sockets.discard(self)
+            _channel_layer_lost(noticed_by=self)
+            await self.release()
+            with contextlib.suppress(Exception):  # the client may be gone already
+                await self.close(code=CHANNEL_LAYER_LOST_CLOSE_CODE)
+        finally:
+            _grouped_sockets.discard(self)
+
+    async def join_room_group(self, group: str) -> bool:
+        """Join `group`; False when the layer failed meanwhile (the socket is then closed)."""
+        self.group = group
+        _grouped_sockets.add(self)
+        await self.channel_layer.group_add(group, self.channel_name)
+        if self.layer_lost:
+            await self.close(code=CHANNEL_LAYER_LOST_CLOSE_CODE)
+            return False
+        return True
+
+    async def accept(self, subprotocol: str | None = None, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        await super().accept(subprotocol, headers)
+        self.accepted = True
+
+    async def leave_room_group(self) -> None:
+        _grouped_sockets.discard(self)
+        if hasattr(self, "group"):
+            try:
+                await self.channel_layer.group_discard(self.group, self.channel_name)
+            except CHANNEL_LAYER_ERRORS:
+                pass  # the group went with the layer, or its entry expires by itself
+
+    def channel_layer_lost(self) -> None:
+        """Another socket of this process saw the layer fail: close, so the client reconnects."""
+        _grouped_sockets.discard(self)
+        self.layer_lost = True
+        if self.accepted and self.close_task is None:
+            self.close_task = asyncio.ensure_future(self.close(code=CHANNEL_LAYER_LOST_CLOSE_CODE))
+
+    async def release(self) -> None:
+        """Undo what connect took, other than the group (presence, for a participant)."""
+
+
+class ParticipantConsumer(RoomSocketConsumer):
+    participant: Participant
+    # Counted in the participant's presence (presence_connect ran, presence_disconnect has not).
+    present: bool = False
     last_main_key: str
     render_lock: asyncio.Lock
     # Set by an event, cleared by the render that reads the state after it.
@@ -81,19 +179,25 @@ class ParticipantConsumer(AsyncWebsocketConsumer):
             await self.close(code=4403)
             return
         self.participant = participant
-        self.group = room_group(participant.room_id)
         self.last_main_key = ""
         self.render_lock = asyncio.Lock()
-        await self.channel_layer.group_add(self.group, self.channel_name)
+        if not await self.join_room_group(room_group(participant.room_id)):
+            return
         await self.accept()
         await database_sync_to_async(services.presence_connect)(participant_id=participant.pk)
+        self.present = True
         await self.push(full=True)
 
     async def disconnect(self, code: int) -> None:
         if self.render_task is not None:
             self.render_task.cancel()
-        if hasattr(self, "group"):
-            await self.channel_layer.group_discard(self.group, self.channel_name)
+        # Presence first: leaving the group may wait on a Redis that is down.
+        await self.release()
+        await self.leave_room_group()
+
+    async def release(self) -> None:
+        if self.present:
+            self.present = False
             await database_sync_to_async(services.presence_disconnect)(participant_id=self.participant.pk)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
@@ -106,8 +210,12 @@ class ParticipantConsumer(AsyncWebsocketConsumer):
             await self.push(full=True)
 
     async def room_event(self, event: dict[str, Any]) -> None:
-        if event.get("event") in PRIVATE_TO_PARTICIPANT and event.get("participant_id") != self.participant.pk:
-            return  # another member's rating: nothing on this screen depends on it
+        if event.get("event") in PRIVATE_TO_PARTICIPANT:
+            # Another member's rating changes nothing on this screen, and one's own rating came from a
+            # request whose response swapped in the new form: rendering it again would double the cost
+            # of the busiest phase (docs/benchmarks.md, Load). A second tab of the same participant
+            # re-syncs when it is shown (concord.js, visibilitychange).
+            return
         # An event only says "this room changed" and a render reads the current state, so events
         # that arrive while a render is under way need one more render after it, not one each.
         # Under load (a phase change is two events; hundreds of rooms share one process) this keeps
@@ -147,9 +255,8 @@ class ParticipantConsumer(AsyncWebsocketConsumer):
         return "\n".join(parts)
 
 
-class MonitorConsumer(AsyncWebsocketConsumer):
+class MonitorConsumer(RoomSocketConsumer):
     room: Room
-    group: str
 
     async def connect(self) -> None:
         room_id = int(self.scope["url_route"]["kwargs"]["room_id"])
@@ -159,14 +266,13 @@ class MonitorConsumer(AsyncWebsocketConsumer):
             await self.close(code=4403)
             return
         self.room = room
-        self.group = room_group(room.pk)
-        await self.channel_layer.group_add(self.group, self.channel_name)
+        if not await self.join_room_group(room_group(room.pk)):
+            return
         await self.accept()
         await self.push()
 
     async def disconnect(self, code: int) -> None:
-        if hasattr(self, "group"):
-            await self.channel_layer.group_discard(self.group, self.channel_name)
+        await self.leave_room_group()
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         if len(text_data or "") + len(bytes_data or b"") > MAX_CLIENT_FRAME_BYTES:

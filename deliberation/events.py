@@ -91,7 +91,8 @@ class ParticipantFinished(RoomEvent):
     participant_id: int
 
 
-# Events that change only what their own participant sees.
+# Events that change only what their own participant sees, and only through a request of theirs whose
+# response already carries the new screen: participant sockets do not re-render for them (the monitor does).
 PRIVATE_TO_PARTICIPANT = frozenset({RatingSubmitted.type_name})
 
 

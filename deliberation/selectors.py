@@ -174,14 +174,25 @@ def _presence(members: list[Participant], writers: set[int], you: Participant | 
 
 
 def room_state_for(participant: Participant) -> ParticipantState:
-    participant = Participant.objects.select_related("room__experiment", "room__question", "room__arm").get(pk=participant.pk)
+    # Every socket of the room re-reads this on every event, and building each query costs more CPU
+    # than PostgreSQL spends answering it (docs/benchmarks.md, Load). So: one query for the members,
+    # this participant among them, with the room's settings joined (a participant never changes
+    # rooms); one for the round; one for the round's few opinions, from which the counts, who has
+    # written and this participant's own opinion are derived (one opinion per participant and round).
+    members = list(
+        Participant.objects.filter(room_id=participant.room_id)
+        .select_related("room__experiment", "room__question", "room__arm")
+        .order_by("id")
+    )
+    me = next((member for member in members if member.pk == participant.pk), None)
+    if me is None:
+        raise Participant.DoesNotExist(f"participant {participant.pk} is no longer in room {participant.room_id}")
+    participant = me
     room = participant.room
     round_ = room.rounds.order_by("-index").first()
     assert round_ is not None, "every room is created with its first round"
-    # Every socket of the room re-reads this on every event, so the members and who has written are
-    # read once and the counts derived from them (one opinion per participant and round).
-    members = list(room.participants.order_by("id"))
-    writers = set(round_.opinions.values_list("participant_id", flat=True))
+    opinions = list(round_.opinions.all())
+    writers = {opinion.participant_id for opinion in opinions}
     state = ParticipantState(
         participant=participant,
         room=room,
@@ -189,7 +200,7 @@ def room_state_for(participant: Participant) -> ParticipantState:
         experiment=room.experiment,
         question_text=room.question.text,
         presence=_presence(members, writers, participant),
-        my_opinion=round_.opinions.filter(participant=participant).first() if participant.pk in writers else None,
+        my_opinion=next((opinion for opinion in opinions if opinion.participant_id == participant.pk), None),
         opinions_in=len(writers),
         opinions_expected=sum(1 for member in members if member.dropped_out_at is None),
     )

@@ -2,7 +2,8 @@
 
 Every event makes each member's socket re-read the room and render it, so under load
 (bench/load.py) the number of renders is the web tier's cost. These tests pin down the
-rules that keep it down: another member's rating is private to them, and events that
+rules that keep it down: a rating re-renders no participant socket (the rater's response
+carries the new form; nothing on the others' screens depends on it), and events that
 arrive while a render is under way cost one more render, not one each.
 """
 
@@ -65,15 +66,21 @@ async def test_another_members_rating_does_not_re_render_a_socket() -> None:
     assert pushes == []
 
 
-async def test_a_participants_own_rating_and_others_finishing_do_re_render() -> None:
+async def test_a_participants_own_rating_does_not_re_render_their_socket() -> None:
+    # The response to their rating request carries the new form; the socket would repeat it.
     consumer, pushes = _consumer_for(participant_id=1)
     await consumer.room_event(_message(events.RatingSubmitted(room_id=9, round_id=3, participant_id=1)))
     await _settle(consumer)
+    assert pushes == []
+
+
+async def test_others_finishing_and_opinions_do_re_render() -> None:
+    consumer, pushes = _consumer_for(participant_id=1)
     await consumer.room_event(_message(events.ParticipantFinished(room_id=9, round_id=3, participant_id=2)))
     await _settle(consumer)
     await consumer.room_event(_message(events.OpinionSubmitted(room_id=9, round_id=3, participant_id=2)))
     await _settle(consumer)
-    assert pushes == [False, False, False]
+    assert pushes == [False, False]
 
 
 async def test_events_during_a_render_cost_one_more_render_not_one_each() -> None:
