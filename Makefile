@@ -10,7 +10,7 @@ CHROMIUM ?= /usr/bin/chromium
 # libgomp's spinning threads slow a batch 5-10x on a shared machine (docs/benchmarks.md).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup run worker test test-unit test-e2e bench migrate clean
+.PHONY: setup run worker test test-unit test-e2e reliability bench migrate clean
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-model-pkgs.txt
 	@$(PYTHON_BIN) -c 'import sys; assert sys.version_info[:2] >= (3, 11), "Concord needs Python 3.11 or newer"'
@@ -48,17 +48,23 @@ run: setup
 worker: setup
 	$(VENV)/bin/celery -A config worker -Q gpu,default --concurrency 1 --loglevel INFO
 
+# Each invocation leaves a JUnit report: `make reliability` turns them into docs/reliability.md.
+JUNIT := test-results/junit
+
 test-unit: setup
-	$(PY) -m pytest
+	$(PY) -m pytest --junitxml=$(JUNIT)/unit.xml
 
 test-e2e: setup
 	@if [ -x "$(CHROMIUM)" ]; then \
-	  $(PY) -m pytest -p no:asyncio -o addopts="" tests/e2e; \
+	  $(PY) -m pytest -p no:asyncio -o addopts="" --junitxml=$(JUNIT)/e2e.xml tests/e2e; \
 	else \
 	  echo "Browser tests need Chromium at $(CHROMIUM) (Debian: apt-get install chromium); .ci/run installs it."; exit 1; \
 	fi
 
 test: test-unit test-e2e
+
+reliability:
+	$(PY) -m tests.reliability_report $(JUNIT)/unit.xml $(JUNIT)/e2e.xml
 
 bench: setup
 	$(PY) bench/generation.py
