@@ -34,11 +34,21 @@
 
   // htmx reconnects on abnormal closes itself; a clean close from a restarting
   // server (1001 "going away") would otherwise leave the page silently stale.
-  var retries = 0;
+  // Both schedules share one backoff: 250-500 ms, then doubling up to 15-30 s, started over
+  // only once the server has sent something (the full-state render), not when a socket opens.
+  // htmx's own delay ("full jitter") starts over on open and may be 0 ms, so a server that
+  // accepts and then fails (1011: the connect render hit a database error) was retried every
+  // 0-1 s by every open page for as long as it failed.
+  var failures = 0;
+  function reconnectDelay() {  // htmx passes its own retry count: ignored, see above
+    var base = Math.min(30000, 500 * Math.pow(2, failures++));
+    return base / 2 + Math.random() * base / 2;
+  }
+  if (window.htmx) htmx.config.wsReconnectDelay = reconnectDelay;
+  document.addEventListener("htmx:wsAfterMessage", function () { failures = 0; });
   var socket = null;
   document.addEventListener("htmx:wsOpen", function (event) {
     socket = event.detail.socketWrapper;
-    retries = 0;
     setConnection("", "open");
     document.body.dataset.ws = "open";
   });
@@ -51,8 +61,7 @@
     }
     setConnection("Connection lost — reconnecting…", "reconnecting");
     if ([1006, 1011, 1012, 1013].indexOf(code) < 0 && event.detail && event.detail.socketWrapper) {
-      var delay = Math.min(30000, 500 * Math.pow(2, retries++)) * Math.random() + 250;
-      setTimeout(function () { event.detail.socketWrapper.reconnect(); }, delay);
+      setTimeout(function () { event.detail.socketWrapper.reconnect(); }, reconnectDelay());
     }
   });
 
@@ -153,4 +162,46 @@
   }
   document.addEventListener("htmx:afterSwap", putBack);
   document.addEventListener("htmx:oobAfterSwap", putBack);
+})();
+
+// Text typed into the form area must survive a re-render of it, above all the full-state render
+// every reconnect pushes: the server only knows the last autosaved draft, which lags the typing
+// by the autosave delay, or by the whole outage when the network that dropped the socket also
+// failed the autosave. Text changed since the last render is put back once the new form area is
+// live, and an input event lets the counter and the autosave catch up.
+(function () {
+  "use strict";
+  var typed = null;
+
+  function capture(root, exceptForm) {
+    root.querySelectorAll("textarea[id]").forEach(function (el) {
+      if (exceptForm && exceptForm.contains(el)) return;  // the form just sent: its response wins
+      if (el.value !== el.defaultValue) { typed = typed || {}; typed[el.id] = el.value; }
+    });
+  }
+
+  document.addEventListener("htmx:beforeSwap", function (event) {
+    var target = event.detail.target;
+    if (!target || target.id !== "main") return;
+    var elt = event.detail.requestConfig && event.detail.requestConfig.elt;
+    capture(target, elt && elt.closest ? elt.closest("form") : null);
+  });
+  document.addEventListener("htmx:oobBeforeSwap", function (event) {
+    var target = event.detail.target;
+    if (target && target.id === "main") capture(target, null);
+  });
+  // htmx:load fires once the swapped-in area is processed, so the autosave trigger already
+  // holds the server's text and sees the restored one as a change.
+  document.addEventListener("htmx:load", function (event) {
+    var main = event.target;
+    if (!typed || !main || main.id !== "main" || !document.body.contains(main)) return;
+    var restore = typed;
+    typed = null;
+    Object.keys(restore).forEach(function (id) {
+      var el = document.getElementById(id);
+      if (!el || !main.contains(el) || el.value === restore[id]) return;
+      el.value = restore[id];
+      el.dispatchEvent(new Event("input", { bubbles: true }));
+    });
+  });
 })();
