@@ -126,6 +126,10 @@ CELERY_TASK_DEFAULT_QUEUE = "default"
 CELERY_BROKER_TRANSPORT_OPTIONS = {
     # A task whose worker died is redelivered after this many seconds.
     "visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT", 900, minimum=10),
+    # Each worker looks for such tasks every 10 s, but kombu 5.7 by default scans Redis only on
+    # every 10th look, which delays the redelivery by up to 100 s more. One small query per worker
+    # every 10 s is cheap: scan every time (tests/deliberation/test_fault_worker_killed.py).
+    "unacked_restore_throttle": 1,
 }
 CELERY_TASK_ROUTES = {
     "deliberation.tasks.mediate_round": {"queue": "gpu"},
