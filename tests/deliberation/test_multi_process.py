@@ -121,7 +121,8 @@ def _wait_for_workers(redis_url: str, names: list[str]) -> None:
     """Both workers answer a ping through the shared broker, so both could take the task."""
     from celery import Celery
 
-    probe = Celery("multi-process-probe", broker=redis_url)
+    # Not the default app: shared tasks published later in this session must go through the project's app.
+    probe = Celery("multi-process-probe", broker=redis_url, set_as_current=False)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     answered: set[str] = set()
     try:
