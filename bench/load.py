@@ -63,12 +63,25 @@ sys.path.insert(0, str(ROOT))
 RESULTS_PATH = ROOT / "bench" / "results" / "load.json"
 DOCS_PATH = ROOT / "docs" / "benchmarks.md"
 DOCS_BEGIN, DOCS_END = "<!-- load:begin -->", "<!-- load:end -->"
+# Two paces for the same 500 sockets. "stress" squeezes the cohort's opinions into a fifth of the
+# 300 s opinion phase and gives each statement 5-15 s of reading. "paced" is the default round as
+# people live it: opinions spread over the whole opinion phase (Experiment.opinion_seconds, 300 s)
+# and 20-40 s per statement (Experiment.rating_seconds allows 600 s for the 4). Each profile has
+# its results file and its part of docs/benchmarks.md; explicit flags override a profile.
+PROFILES: dict[str, dict[str, Any]] = {
+    "stress": {"opinion_window": 60.0, "rating_pause": (5.0, 15.0), "phase_timeout": 240.0, "time_limit": 900.0,
+               "output": RESULTS_PATH, "markers": (DOCS_BEGIN, DOCS_END)},
+    "paced": {"opinion_window": 300.0, "rating_pause": (20.0, 40.0), "phase_timeout": 600.0, "time_limit": 1500.0,
+              "output": RESULTS_PATH.with_name("load_paced.json"), "markers": ("<!-- load-paced:begin -->", "<!-- load-paced:end -->")},
+}
 LOG_DIR = ROOT / "var" / "bench-load"
 POSTGRES_ADMIN_URL = "postgres://postgres@127.0.0.1:5432/postgres"
 BENCH_SECRET_KEY = "bench-load-not-a-secret-loopback-only"
 # The lowest priority: in production the worker runs on other machines, so here its reward model
 # (torch on CPU) may only use what the web tier leaves.
 WORKER_NICENESS = 19
+
+
 
 _STATUS_PHASE_RE = re.compile(r'<section id="status"[^>]*data-phase="(?P<phase>[a-z_]+)"')
 _OPINION_COUNT_RE = re.compile(r"<p>(?P<count>\d+) of (?P<expected>\d+) opinions are in\.</p>")
@@ -92,6 +105,7 @@ WHO = ["young people", "families", "workers", "older people", "small towns"]
 
 @dataclass(frozen=True)
 class LoadConfig:
+    profile: str = "stress"
     rooms: int = 100
     group_size: int = 5
     # Opinions are spread uniformly over this many seconds, once every socket is open.
@@ -107,6 +121,10 @@ class LoadConfig:
     # 8 candidates, not the default 16: the worker embeds every one with the real reward model on this
     # machine's CPU, and the benchmark is about the web tier. Each participant still rates 4 and ranks them.
     n_candidates: int = 8
+    # The real reward model, run by the worker on this machine's CPU (in production: GPU workers on other
+    # machines). "none", the constant model, takes the worker out of the picture, but then every room
+    # reaches its rating phase at once: the worker's pace is part of what a real round looks like.
+    reward_model: str = "similarity"
     k_shown: int = 4
     # One daphne per core, as docs/deploy.md advises: each has its own event loop and GIL.
     daphne_processes: int = 2
@@ -138,10 +156,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[LoadConfig, argparse.Name
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rooms", type=int, default=defaults.rooms)
     parser.add_argument("--group-size", type=int, default=defaults.group_size)
-    parser.add_argument("--opinion-window", type=float, default=defaults.opinion_window_s, help="seconds over which opinions arrive")
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="stress", help="the pace of the simulated participants (see PROFILES)")
+    parser.add_argument("--opinion-window", type=float, default=None, help="seconds over which opinions arrive")
     parser.add_argument("--settle", type=float, default=defaults.settle_s, help="seconds between the last socket opening and the window")
-    parser.add_argument("--rating-pause", type=float, nargs=2, metavar=("MIN", "MAX"), default=defaults.rating_pause_s,
+    parser.add_argument("--rating-pause", type=float, nargs=2, metavar=("MIN", "MAX"), default=None,
                         help="seconds of reading before each rating, drawn uniformly from [MIN, MAX]")
+    parser.add_argument("--reward-model", default=defaults.reward_model, choices=("none", "similarity"),
+                        help="the arm's reward model; the worker runs it on this machine's CPU")
     parser.add_argument("--n", type=int, default=defaults.n_candidates, help="candidates per round")
     parser.add_argument("--k", type=int, default=defaults.k_shown, help="candidates shown to each participant")
     parser.add_argument("--daphne-processes", type=int, default=defaults.daphne_processes)
@@ -149,23 +170,28 @@ def parse_args(argv: list[str] | None = None) -> tuple[LoadConfig, argparse.Name
     parser.add_argument("--database", default=defaults.database, help="dropped and recreated: never point it at real data")
     parser.add_argument("--redis-db", type=int, default=defaults.redis_db, help="flushed before the run")
     parser.add_argument("--db-conn-max-age", type=int, default=defaults.db_conn_max_age)
-    parser.add_argument("--phase-timeout", type=float, default=defaults.phase_timeout_s)
-    parser.add_argument("--time-limit", type=float, default=defaults.time_limit_s)
+    parser.add_argument("--phase-timeout", type=float, default=None)
+    parser.add_argument("--time-limit", type=float, default=None)
     parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--output", type=Path, default=RESULTS_PATH)
+    parser.add_argument("--output", type=Path, default=None)
     parser.add_argument("--no-docs", action="store_true", help="do not update the Load section of docs/benchmarks.md")
     args = parser.parse_args(argv)
+    for name, value in PROFILES[args.profile].items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
     if args.rooms < 1 or not 2 <= args.group_size <= 8 or args.daphne_processes < 1 or args.k > args.n:
         parser.error("need --rooms >= 1, 2 <= --group-size <= 8, --daphne-processes >= 1 and --k <= --n")
     if args.database in {"postgres", "concord", "template0", "template1"}:
         parser.error(f"--database {args.database} would drop a database that is not the benchmark's own")
     config = LoadConfig(
+        profile=args.profile,
         rooms=args.rooms,
         group_size=args.group_size,
         opinion_window_s=args.opinion_window,
         settle_s=args.settle,
         rating_pause_s=(min(args.rating_pause), max(args.rating_pause)),
         n_candidates=args.n,
+        reward_model=args.reward_model,
         k_shown=args.k,
         daphne_processes=args.daphne_processes,
         join_concurrency=args.join_concurrency,
@@ -270,7 +296,7 @@ def create_fixture(config: LoadConfig) -> Fixture:
         name="stand-in",
         generator_backend="stand-in",
         generator_model="stand-in-v1",
-        reward_model="similarity",
+        reward_model=config.reward_model,
         n_candidates=config.n_candidates,
         k_shown=config.k_shown,
     )
@@ -920,8 +946,13 @@ def summarise(config: LoadConfig, recorder: Recorder, clients: list[LoadClient],
         "notes": [
             "stand-in generator (modeling/generation/standin.py): statements are written instantly, so the figures "
             "measure the web tier (daphne, Redis channel layer, PostgreSQL, consumers), not the model",
-            "reward model: the real similarity model (MiniLM), on the Celery worker; in production GPU workers run on "
-            "other machines, so here the worker gets one torch thread and nice 19: it uses only what the web tier leaves",
+            (
+                "reward model: the constant stand-in ('none'), so the Celery worker costs almost no CPU: in production the "
+                "reward model runs on GPU workers on other machines (bench/reward.py measures it)"
+                if config.reward_model == "none"
+                else "reward model: the real similarity model (MiniLM), on the Celery worker; in production GPU workers run on "
+                "other machines, so here the worker gets one torch thread and nice 19: it uses only what the web tier leaves"
+            ),
             "rate limits off for the run (RATE_LIMIT_JOIN_PER_IP=0, RATE_LIMIT_SUBMIT_PER_PARTICIPANT=0, "
             "RATE_LIMIT_DRAFT_PER_PARTICIPANT=0): every client shares 127.0.0.1",
             "clients, servers, PostgreSQL and Redis share this machine's cores with anything else running on it "
@@ -935,6 +966,9 @@ def summarise(config: LoadConfig, recorder: Recorder, clients: list[LoadClient],
 
 def markdown_section(result: dict[str, Any]) -> str:
     config = result["config"]
+    begin, end = PROFILES[config["profile"]]["markers"]
+    pace = (f"{config['profile']} pace: opinions over {config['opinion_window_s']:.0f} s, "
+            f"{config['rating_pause_s'][0]:.0f}-{config['rating_pause_s'][1]:.0f} s of reading per statement")
     cpu = result["cpu_percent_of_one_core"]
     rows = [
         ("Concurrent websockets", f"{result['sockets']} ({result['rooms']} rooms × {config['group_size']})"),
@@ -954,22 +988,24 @@ def markdown_section(result: dict[str, Any]) -> str:
     ]
     table = "\n".join(["| Measure | Result |", "| --- | --- |"] + [f"| {name} | {value} |" for name, value in rows])
     return (
-        f"{DOCS_BEGIN}\n"
-        f"Last run: {result['created_at']}, {result['machine']['cpus']} cores. Stand-in generator; "
-        f"goal: 500 sockets, p95 fan-out under 250 ms, no lost submission.\n\n{table}\n{DOCS_END}"
+        f"{begin}\n"
+        f"Last run: {result['created_at']}, {result['machine']['cpus']} cores, load average before "
+        f"{result['machine']['load_average_before'][0]}; {pace}. Stand-in generator, reward model "
+        f"`{config['reward_model']}`; goal: 500 sockets, p95 fan-out under 250 ms, no lost submission.\n\n{table}\n{end}"
     )
 
 
 def update_docs(result: dict[str, Any]) -> None:
     """Rewrite only the figures between the Load markers; other sections belong to other benchmarks."""
     section = markdown_section(result)
+    begin, end = PROFILES[result["config"]["profile"]]["markers"]
     if not DOCS_PATH.exists():
         DOCS_PATH.write_text(f"# Benchmarks\n\n## Load\n\n{section}\n")
         return
     text = DOCS_PATH.read_text()
-    if DOCS_BEGIN in text and DOCS_END in text:
-        before, rest = text.split(DOCS_BEGIN, 1)
-        after = rest.split(DOCS_END, 1)[1]
+    if begin in text and end in text:
+        before, rest = text.split(begin, 1)
+        after = rest.split(end, 1)[1]
         DOCS_PATH.write_text(before + section + after)
     else:
         DOCS_PATH.write_text(text.rstrip("\n") + f"\n\n## Load\n\n{section}\n")
