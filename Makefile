@@ -70,6 +70,7 @@ bench: setup
 	$(PY) bench/generation.py
 	$(PY) bench/reward.py
 	$(PY) bench/load.py
+	$(PY) bench/load.py --profile paced
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .hypothesis
