@@ -19,19 +19,24 @@ from django.conf import settings  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
 from deliberation.dispatch import remember_server_loop  # noqa: E402
+from deliberation.recovery import start_on_loop  # noqa: E402
 from deliberation.routing import websocket_urlpatterns  # noqa: E402
 
 ASGIApp = Callable[[dict[str, Any], Callable[..., Awaitable[Any]], Callable[..., Awaitable[Any]]], Awaitable[None]]
 
 
 class RememberServerLoop:
-    """Lets in-process tasks (the embedded default) run on the server's own event loop."""
+    """Lets in-process tasks (the embedded default) run on the server's own event loop, where the
+    server also sweeps for tasks it lost when it last stopped (Celery workers do that themselves)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        remember_server_loop(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        remember_server_loop(loop)
+        if not settings.USE_CELERY:
+            start_on_loop(loop)  # once per process; a no-op when the sweep is off
         await self.app(scope, receive, send)
 
 

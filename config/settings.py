@@ -113,7 +113,15 @@ else:
 
 # Rate-limit counters must be shared by every web process, so they live in Redis when it is there.
 if REDIS_URL:
-    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
+    # Bounded waits: the rate limiter lets requests through when Redis is unreachable (deliberation.ratelimit),
+    # which only helps if finding that out is quick.
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+            "OPTIONS": {"socket_connect_timeout": 2, "socket_timeout": 2},
+        }
+    }
 else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 
@@ -134,6 +142,9 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
 CELERY_TASK_ROUTES = {
     "deliberation.tasks.mediate_round": {"queue": "gpu"},
 }
+# Celery 5.7's worker dies when its Redis connection drops while it holds unacknowledged
+# messages (a scheduled timer, a task in progress); this consumer survives and reconnects.
+CELERY_WORKER_CONSUMER = "config.celery_worker:Consumer"
 
 # --- Sessions, security --------------------------------------------------------
 SESSION_COOKIE_AGE = 60 * 60 * 24 * 14
@@ -210,6 +221,14 @@ CONCORD_MODEL_STORE = Path(env_str("CONCORD_MODEL_STORE", str(VAR_DIR / "models"
 # --- Rounds --------------------------------------------------------------------
 CONCORD_MEDIATION_TIME_LIMIT = env_int("CONCORD_MEDIATION_TIME_LIMIT", 900, minimum=30)
 CONCORD_PRESENCE_GRACE_SECONDS = env_float("CONCORD_PRESENCE_GRACE_SECONDS", 2.0, minimum=0.0)
+# Recovery of lost tasks (deliberation.recovery): how often each worker (or, without Redis, the
+# server) sweeps the database for rounds whose task was lost; 0 turns the sweep off. Test runs
+# sweep only when a test asks, so no background thread touches the test database.
+CONCORD_RECOVERY_INTERVAL_SECONDS = env_float("CONCORD_RECOVERY_INTERVAL_SECONDS", 0.0 if RUNNING_TESTS else 30.0, minimum=0.0)
+# A mediation with no sign of progress for this long lost its task and is enqueued again. Longer
+# than a model load on a fresh worker; a round still queued behind others only gets a duplicate
+# message that finds nothing to do.
+CONCORD_MEDIATION_STALL_SECONDS = env_int("CONCORD_MEDIATION_STALL_SECONDS", 300, minimum=1)
 
 # daphne serves static files itself unless a proxy in front does (SERVE_STATIC=0).
 SERVE_STATIC = env_bool("SERVE_STATIC", True)

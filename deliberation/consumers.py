@@ -4,8 +4,8 @@ Events only say that a room changed. Each participant gets their own partial,
 because what they see (order of statements, their forms, their arm) differs.
 On connect — which includes every reconnect — the full state is sent.
 
-When the channel layer fails (Redis restarting), every socket of this process is closed with
-1012 ("service restart"), which browsers reconnect on: group memberships live in Redis, so a
+When the channel layer fails (Redis restarting), every socket of this process is closed (with
+CHANNEL_LAYER_LOST_CLOSE_CODE), and browsers reconnect: group memberships live in Redis, so a
 restart without persistence forgets them, and a socket left open would silently miss every
 event from then on. Reconnecting joins the group again and renders the full current state.
 """
@@ -13,7 +13,6 @@ event from then on. Reconnecting joins the group again and renders the full curr
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 import weakref
@@ -36,8 +35,11 @@ logger = logging.getLogger(__name__)
 
 # Participants never send more than a ping; anything bigger is abuse.
 MAX_CLIENT_FRAME_BYTES = 4096
-# "Service restart": concord.js and htmx both reconnect on it.
-CHANNEL_LAYER_LOST_CLOSE_CODE = 1012
+# Close codes: daphne (autobahn) lets an application close only with 1000 or 3000-4999 (it raises on
+# the others, and the socket stays open), and concord.js reconnects on every code but 4403. These
+# mirror 1011 (internal error) and 1012 (service restart) in the application range.
+RENDER_FAILED_CLOSE_CODE = 4011
+CHANNEL_LAYER_LOST_CLOSE_CODE = 4012
 
 
 def _channel_layer_errors() -> tuple[type[BaseException], ...]:
@@ -119,11 +121,11 @@ class RoomSocketConsumer(AsyncWebsocketConsumer):
             # The layer's receive (or connect's group_add) failed and ended the consumer's loop.
             # Unhandled, daphne would log it and close with 1011, but disconnect() would never run.
             logger.warning("Channel layer failed under socket %s", getattr(self, "channel_name", "?"), exc_info=True)
+            self.layer_lost = True
             _grouped_sockets.discard(self)
             _channel_layer_lost(noticed_by=self)
             await self.release()
-            with contextlib.suppress(Exception):  # the client may be gone already
-                await self.close(code=CHANNEL_LAYER_LOST_CLOSE_CODE)
+            await self.close_for_reconnect()
         finally:
             _grouped_sockets.discard(self)
 
@@ -133,9 +135,15 @@ class RoomSocketConsumer(AsyncWebsocketConsumer):
         _grouped_sockets.add(self)
         await self.channel_layer.group_add(group, self.channel_name)
         if self.layer_lost:
-            await self.close(code=CHANNEL_LAYER_LOST_CLOSE_CODE)
+            await self.close_for_reconnect()
             return False
         return True
+
+    async def close_for_reconnect(self) -> None:
+        try:
+            await self.close(code=CHANNEL_LAYER_LOST_CLOSE_CODE)
+        except Exception:  # the client may be gone already
+            logger.warning("Could not close socket %s", getattr(self, "channel_name", "?"), exc_info=True)
 
     async def accept(self, subprotocol: str | None = None, headers: list[tuple[bytes, bytes]] | None = None) -> None:
         await super().accept(subprotocol, headers)
@@ -154,7 +162,7 @@ class RoomSocketConsumer(AsyncWebsocketConsumer):
         _grouped_sockets.discard(self)
         self.layer_lost = True
         if self.accepted and self.close_task is None:
-            self.close_task = asyncio.ensure_future(self.close(code=CHANNEL_LAYER_LOST_CLOSE_CODE))
+            self.close_task = asyncio.ensure_future(self.close_for_reconnect())
 
     async def release(self) -> None:
         """Undo what connect took, other than the group (presence, for a participant)."""
@@ -232,7 +240,7 @@ class ParticipantConsumer(RoomSocketConsumer):
         except Exception:
             # As when a handler fails: close, and the client reconnects and gets the full state.
             logger.exception("Could not push to participant %s", self.participant.pk)
-            await self.close(code=1011)
+            await self.close(code=RENDER_FAILED_CLOSE_CODE)
 
     async def push(self, *, full: bool) -> None:
         async with self.render_lock:
@@ -240,7 +248,7 @@ class ParticipantConsumer(RoomSocketConsumer):
             html = await sync_to_async(_render_keeping_connection, thread_sensitive=False, executor=_render_executor)(
                 lambda: self._render(full)
             )
-            if html:
+            if html and not self.layer_lost:  # a socket being closed for reconnecting gets nothing more
                 await self.send(text_data=html)
 
     def _render(self, full: bool) -> str:

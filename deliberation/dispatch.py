@@ -31,11 +31,21 @@ def remember_server_loop(loop: asyncio.AbstractEventLoop) -> None:
     _server_loop = loop
 
 
-def enqueue(task: Task, *, args: list[Any], countdown: float = 0.0) -> None:
-    """Run `task(*args)` later: call only from transaction.on_commit callbacks."""
+def enqueue(task: Task, *, args: list[Any], countdown: float = 0.0) -> bool:
+    """Run `task(*args)` later: call only from transaction.on_commit callbacks.
+
+    Returns whether the task was handed on. A broker that is down (Redis restarting) must not
+    turn the write that committed just before into an error for the person who made it, so a
+    failed enqueue is logged, not raised: the database still says what should happen, and
+    services.rounds_recover (run periodically, see deliberation.recovery) enqueues it again.
+    """
     if settings.USE_CELERY:
-        task.apply_async(args=args, countdown=countdown if countdown > 0 else None)
-        return
+        try:
+            task.apply_async(args=args, countdown=countdown if countdown > 0 else None)
+        except Exception:  # kombu's OperationalError, redis-py's errors, OSError: all mean "not sent"
+            logger.exception("Could not enqueue %s%r; the recovery sweep will redo it", task.name, tuple(args))
+            return False
+        return True
     loop = _server_loop
     coroutine = _run_in_process(task, args, countdown)
     if loop is not None and loop.is_running() and not loop.is_closed():
@@ -43,6 +53,7 @@ def enqueue(task: Task, *, args: list[Any], countdown: float = 0.0) -> None:
     else:
         # No server running (a management command, say): a daemon thread with its own loop.
         threading.Thread(target=asyncio.run, args=(coroutine,), daemon=True, name=f"task-{task.name}").start()
+    return True
 
 
 def _apply_now(task: Task, args: list[Any]) -> None:

@@ -230,6 +230,9 @@ class Round(models.Model):
     progress_stage = models.CharField(max_length=32, blank=True)
     progress_done = models.PositiveIntegerField(default=0)
     progress_total = models.PositiveIntegerField(default=0)
+    # When the mediation last showed a sign of life (queued, claimed, progress, retry): a round that
+    # stays in mediation with no sign for long lost its task (services.rounds_recover).
+    progress_at = models.DateTimeField(null=True, blank=True)
     mediation_attempts = models.PositiveSmallIntegerField(default=0)
     mediation_error = models.TextField(blank=True)
     seed = models.BigIntegerField(default=0)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from typing import Callable
 
 from django.conf import settings
 from django.core.cache import cache
 from django.http import HttpRequest, HttpResponse
+
+logger = logging.getLogger(__name__)
 
 
 def client_ip(request: HttpRequest) -> str:
@@ -20,16 +23,25 @@ def client_ip(request: HttpRequest) -> str:
 
 
 def hit(*, scope: str, key: str, limit: int, window_seconds: int = 60) -> bool:
-    """Count one request; False once `limit` requests were made in the current window."""
+    """Count one request; False once `limit` requests were made in the current window.
+
+    When the counters cannot be reached (Redis restarting), the request is let through: for the
+    length of an outage a flood goes uncounted, which is better than refusing every participant's
+    submission while the database that stores it is up.
+    """
     if limit <= 0:
         return True
     bucket = f"rl:{scope}:{key}:{int(time.time() // window_seconds)}"
-    cache.add(bucket, 0, timeout=window_seconds * 2)
     try:
-        count = cache.incr(bucket)
-    except ValueError:  # expired between add and incr
-        cache.set(bucket, 1, timeout=window_seconds * 2)
-        count = 1
+        cache.add(bucket, 0, timeout=window_seconds * 2)
+        try:
+            count = cache.incr(bucket)
+        except ValueError:  # expired between add and incr
+            cache.set(bucket, 1, timeout=window_seconds * 2)
+            count = 1
+    except Exception:  # redis-py's ConnectionError and TimeoutError, OSError: the cache is unreachable
+        logger.warning("Rate limit %s not checked: the cache is unavailable", scope, exc_info=True)
+        return True
     return count <= limit
 
 

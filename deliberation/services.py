@@ -11,14 +11,15 @@ import hashlib
 import math
 import random
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import Count, F
+from django.db.models import Count, F, Q
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from . import events, selectors
@@ -53,6 +54,10 @@ if TYPE_CHECKING:
 # Enough to show a stable alphabet of anonymous names in a room of up to 8.
 PARTICIPANT_LABELS = ["A", "B", "C", "D", "E", "F", "G", "H"]
 MIN_OPINIONS_FOR_MEDIATION = 2
+# Claims of one round's mediation (Celery retries and recoveries together) before it ends as failed.
+MAX_MEDIATION_ATTEMPTS = 3
+# A phase timer gets this long past its deadline to fire by itself before rounds_recover fires it.
+DEADLINE_GRACE = timedelta(seconds=5)
 
 
 class ServiceError(Exception):
@@ -335,7 +340,7 @@ def _begin_mediation(*, round_: Round) -> None:
     from .dispatch import enqueue
     from .tasks import mediate_round
 
-    round_.mediation_started_at = timezone.now()
+    round_.mediation_started_at = round_.progress_at = timezone.now()
     round_.progress_stage = "queued"
     round_.progress_done = 0
     round_.progress_total = sum(arm.n_candidates for arm in mediation_arms(round_.room.arm))
@@ -464,6 +469,7 @@ def mediation_claim(*, round_id: int) -> MediationInput | None:
         round_.mediation_attempts += 1
         # Loading the models can take a while on a fresh worker: say the mediator has started.
         round_.progress_stage = "starting"
+        round_.progress_at = timezone.now()
         events.send_on_commit(
             events.MediationProgress(
                 room_id=round_.room_id, round_id=round_.pk, stage="starting", done=0, total=round_.progress_total
@@ -476,7 +482,7 @@ def mediation_claim(*, round_id: int) -> MediationInput | None:
         writer_ids = [o.participant_id for o in opinions]
         if arm.exclude_one_opinion and round_.excluded_participant_id is None and len(writer_ids) >= MIN_OPINIONS_FOR_MEDIATION:
             round_.excluded_participant_id = random.Random(f"{round_.seed}:exclude").choice(writer_ids)
-        round_.save(update_fields=["mediation_attempts", "progress_stage", "excluded_participant"])
+        round_.save(update_fields=["mediation_attempts", "progress_stage", "progress_at", "excluded_participant"])
         included = [o for o in opinions if o.participant_id != round_.excluded_participant_id]
         return MediationInput(
             round_id=round_.pk,
@@ -494,13 +500,19 @@ def mediation_claim(*, round_id: int) -> MediationInput | None:
 def mediation_progress(*, round_id: int, stage: str, done: int, total: int) -> None:
     with transaction.atomic():
         updated = Round.objects.filter(pk=round_id, phase=Round.Phase.MEDIATING).update(
-            progress_stage=stage, progress_done=done, progress_total=total
+            progress_stage=stage, progress_done=done, progress_total=total, progress_at=timezone.now()
         )
         if updated:
             room_id = Round.objects.values_list("room_id", flat=True).get(pk=round_id)
             events.send_on_commit(
                 events.MediationProgress(room_id=room_id, round_id=round_id, stage=stage, done=done, total=total)
             )
+
+
+def mediation_heartbeat(*, round_id: int) -> bool:
+    """A mediation is still running: keep rounds_recover from taking its task for lost."""
+    with transaction.atomic():
+        return bool(Round.objects.filter(pk=round_id, phase=Round.Phase.MEDIATING).update(progress_at=timezone.now()))
 
 
 def _presentation_order(*, round_: Round, participant: Participant, candidate_ids: list[int]) -> list[int]:
@@ -609,13 +621,111 @@ def mediation_fail(*, round_id: int, error: str, final: bool) -> None:
             return
         round_.mediation_error = error[:4000]
         round_.progress_stage = "failed" if final else "retrying"
-        round_.save(update_fields=["mediation_error", "progress_stage"])
+        round_.progress_at = timezone.now()
+        round_.save(update_fields=["mediation_error", "progress_stage", "progress_at"])
         if final:
             _round_finish(round_=round_, outcome=Round.Outcome.FAILED)
         else:
             events.send_on_commit(
                 events.MediationProgress(room_id=round_.room_id, round_id=round_.pk, stage="retrying", done=0, total=round_.progress_total)
             )
+
+
+# --- Recovery of lost tasks ----------------------------------------------------------
+
+
+@dataclass
+class RecoveryReport:
+    """What one rounds_recover sweep redid; empty (false) when nothing was lost."""
+
+    requeued: list[int] = field(default_factory=list)  # rounds whose mediation was enqueued again
+    failed: list[int] = field(default_factory=list)  # rounds that ran out of mediation attempts
+    deadlines: dict[int, str] = field(default_factory=dict)  # round id: what its overdue phase deadline did
+    waits: dict[int, str] = field(default_factory=dict)  # room id: what its overdue wait for a group did
+
+    def __bool__(self) -> bool:
+        return bool(self.requeued or self.failed or self.deadlines or self.waits)
+
+
+def rounds_recover(*, stalled_after: timedelta, now: datetime | None = None) -> RecoveryReport:
+    """Redo work whose task was lost, so that no round waits forever.
+
+    Tasks travel through the broker (Redis), which can lose them: a restart without persistence
+    empties the queues and forgets unacknowledged and scheduled messages, and an enqueue while it
+    is down fails after the write it belonged to has committed. The database still says what
+    should be happening, so this sweep reads it and acts:
+
+    - a round in mediation, without candidates, that showed no sign of progress for
+      `stalled_after` gets its mediate_round task again (or, once it has used up
+      MAX_MEDIATION_ATTEMPTS, ends as failed rather than keep its group waiting);
+    - an opinion or rating phase whose deadline passed DEADLINE_GRACE ago fires it;
+    - a forming group whose maximum wait ran out fires that.
+
+    Idempotent, and safe from any number of processes at once: each row is rechecked under its
+    lock, a requeue restarts the stall clock, the deadline services check the database, and
+    mediation_claim and candidates_store do nothing twice. A false alarm (a task still queued
+    behind others, or a very slow model load) costs at most a duplicate message that finds
+    nothing to do.
+    """
+    now = now or timezone.now()
+    report = RecoveryReport()
+    cutoff = now - stalled_after
+    stalled = (
+        Round.objects.filter(phase=Round.Phase.MEDIATING, candidates__isnull=True)
+        .annotate(last_sign=Coalesce("progress_at", "mediation_started_at"))
+        .filter(last_sign__lt=cutoff)
+        .values_list("pk", flat=True)
+        .distinct()
+    )
+    for round_id in list(stalled):
+        outcome = _mediation_recover(round_id=round_id, cutoff=cutoff, now=now)
+        if outcome == "requeued":
+            report.requeued.append(round_id)
+        elif outcome == "failed":
+            report.failed.append(round_id)
+    overdue = Round.objects.filter(
+        phase__in=[Round.Phase.OPINIONS, Round.Phase.RATING], phase_deadline__lt=now - DEADLINE_GRACE
+    ).values_list("pk", "phase")
+    for round_id, phase in list(overdue):
+        report.deadlines[round_id] = round_deadline_fire(round_id=round_id, phase=phase)
+    forming = Room.objects.filter(
+        status=Room.Status.OPEN, experiment__max_wait_seconds__gt=0, rounds__index=0, rounds__phase=Round.Phase.WAITING
+    ).values_list("pk", "created_at", "experiment__max_wait_seconds")
+    for room_id, created_at, max_wait_seconds in list(forming):
+        if created_at + timedelta(seconds=max_wait_seconds) + DEADLINE_GRACE < now:
+            report.waits[room_id] = room_wait_deadline_fire(room_id=room_id)
+    return report
+
+
+def _mediation_recover(*, round_id: int, cutoff: datetime, now: datetime) -> str:
+    from .dispatch import enqueue
+    from .tasks import mediate_round
+
+    with transaction.atomic():
+        # A row locked by someone else (a worker claiming it right now) is moving: leave it.
+        round_ = Round.objects.select_for_update(skip_locked=True).filter(pk=round_id).first()
+        if round_ is None:
+            return "busy"
+        last_sign = round_.progress_at or round_.mediation_started_at
+        if round_.phase != Round.Phase.MEDIATING or round_.candidates.exists() or last_sign is None or last_sign >= cutoff:
+            return "moved"
+        round_.progress_at = now
+        if round_.mediation_attempts >= MAX_MEDIATION_ATTEMPTS:
+            round_.mediation_error = (round_.mediation_error + "\n" if round_.mediation_error else "") + (
+                f"no progress since {last_sign.isoformat()} after {round_.mediation_attempts} attempts"
+            )
+            round_.progress_stage = "failed"
+            round_.save(update_fields=["progress_at", "progress_stage", "mediation_error"])
+            _round_finish(round_=round_, outcome=Round.Outcome.FAILED)
+            return "failed"
+        round_.progress_stage = "queued"
+        round_.progress_done = 0
+        round_.save(update_fields=["progress_at", "progress_stage", "progress_done"])
+        events.send_on_commit(
+            events.MediationProgress(room_id=round_.room_id, round_id=round_.pk, stage="queued", done=0, total=round_.progress_total)
+        )
+        transaction.on_commit(lambda: enqueue(mediate_round, args=[round_id]))
+    return "requeued"
 
 
 # --- Rating ------------------------------------------------------------------------
@@ -851,7 +961,13 @@ def dataset_export_request(
             from .tasks import export_dataset
 
             export_id = export.pk
-            transaction.on_commit(lambda: enqueue(export_dataset, args=[export_id]))
+
+            def enqueue_or_fail() -> None:
+                # Nothing sweeps for lost exports: one that could not be queued says so on the exports page.
+                if not enqueue(export_dataset, args=[export_id]):
+                    dataset_export_fail(export_id=export_id, error="Could not be queued: the task broker was unavailable. Please request it again.")
+
+            transaction.on_commit(enqueue_or_fail)
     return export
 
 

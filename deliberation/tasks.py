@@ -12,6 +12,7 @@ from django.conf import settings
 
 from . import services
 from .models import Arm
+from .recovery import heartbeat
 
 if TYPE_CHECKING:
     from modeling.generation.base import Generator
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-MAX_MEDIATION_ATTEMPTS = 3
+MAX_MEDIATION_ATTEMPTS = services.MAX_MEDIATION_ATTEMPTS
 # Progress events are throttled: a participant gains nothing from more than a few a second.
 PROGRESS_MIN_INTERVAL_S = 0.25
 # An export streams rows, so its time grows with the data; an hour covers very large studies.
@@ -79,22 +80,24 @@ def mediate_round(self, round_id: int) -> str:
 
     results: list[services.SourcedResult] = []
     try:
-        for arm in sources:
-            generator, reward_model = load_models(arm=arm)
-            result = mediate(
-                question=mediation.question,
-                opinions=mediation.opinions,
-                n=arm.n_candidates,
-                seed=mediation.seed_for(arm.pk),
-                generator=generator,
-                reward_model=reward_model,
-                welfare_method=arm.welfare_method,
-                welfare_alpha=arm.welfare_alpha,
-                sampling=SamplingParams(max_new_tokens=settings.CONCORD_MAX_NEW_TOKENS),
-                on_stage=on_stage,
-            )
-            results.append(services.SourcedResult(arm_id=arm.pk, result=result))
-            offset[0] += arm.n_candidates
+        # Beats while the models load and generate, so the recovery sweep never takes this round for lost.
+        with heartbeat(round_id=round_id):
+            for arm in sources:
+                generator, reward_model = load_models(arm=arm)
+                result = mediate(
+                    question=mediation.question,
+                    opinions=mediation.opinions,
+                    n=arm.n_candidates,
+                    seed=mediation.seed_for(arm.pk),
+                    generator=generator,
+                    reward_model=reward_model,
+                    welfare_method=arm.welfare_method,
+                    welfare_alpha=arm.welfare_alpha,
+                    sampling=SamplingParams(max_new_tokens=settings.CONCORD_MAX_NEW_TOKENS),
+                    on_stage=on_stage,
+                )
+                results.append(services.SourcedResult(arm_id=arm.pk, result=result))
+                offset[0] += arm.n_candidates
     except SoftTimeLimitExceeded:
         services.mediation_fail(round_id=round_id, error="mediation ran past its time limit", final=True)
         raise
