@@ -40,6 +40,8 @@ MAX_CLIENT_FRAME_BYTES = 4096
 # mirror 1011 (internal error) and 1012 (service restart) in the application range.
 RENDER_FAILED_CLOSE_CODE = 4011
 CHANNEL_LAYER_LOST_CLOSE_CODE = 4012
+# 1009 ("message too big") in the application range, for the same reason.
+FRAME_TOO_BIG_CLOSE_CODE = 4009
 
 
 def _channel_layer_errors() -> tuple[type[BaseException], ...]:
@@ -211,7 +213,7 @@ class ParticipantConsumer(RoomSocketConsumer):
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         size = len(text_data or "") + len(bytes_data or b"")
         if size > MAX_CLIENT_FRAME_BYTES:
-            await self.close(code=1009)  # message too big
+            await self.close(code=FRAME_TOO_BIG_CLOSE_CODE)
             return
         # The client asks for a full re-render after it regains focus or suspects a gap.
         if text_data and '"resync"' in text_data:
@@ -284,7 +286,7 @@ class MonitorConsumer(RoomSocketConsumer):
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         if len(text_data or "") + len(bytes_data or b"") > MAX_CLIENT_FRAME_BYTES:
-            await self.close(code=1009)
+            await self.close(code=FRAME_TOO_BIG_CLOSE_CODE)
 
     async def room_event(self, event: dict[str, Any]) -> None:
         await self.push()
