@@ -142,7 +142,7 @@ class ExperimentAdmin(OwnedByResearcher):
 
 @admin.register(Arm)
 class ArmAdmin(OwnedByResearcher):
-    list_display = ["name", "experiment", "welfare_method", "welfare_alpha", "n_candidates", "k_shown", "reward_model", "weight", "compare_with", "exclude_one_opinion"]
+    list_display = ["name", "experiment", "welfare_method", "welfare_alpha", "welfare_tie_break", "n_candidates", "k_shown", "reward_model", "weight", "compare_with", "exclude_one_opinion"]
 
 
 class ParticipantInline(admin.TabularInline):

@@ -161,6 +161,7 @@ ARMS = Table(
         Column("reward_model_version_id", "integer", "Registered reward model version, if pinned."),
         Column("welfare_method", "string", "Welfare function ranking the candidates: utilitarian, rawlsian, nash, isoelastic, borda or schulze."),
         Column("welfare_alpha", "number", "Inequality aversion α of the isoelastic welfare function."),
+        Column("welfare_tie_break", "string", "How exact welfare ties were broken: index (lower index first), random or tbrc, both seeded by the round's seed."),
         Column("n_candidates", "integer", "N: candidate statements written per round."),
         Column("k_shown", "integer", "K: statements shown to each participant."),
         Column("weight", "integer", "Relative share of groups assigned to the arm (0: never assigned; used only as a head-to-head opponent)."),
@@ -170,7 +171,7 @@ ARMS = Table(
     rows=lambda ctx: _iterate(
         Arm.objects.filter(experiment=ctx.experiment).order_by("id"), ctx,
         "id", "name", "generator_backend", "generator_model", "reward_model", "reward_model_version_id", "welfare_method",
-        "welfare_alpha", "n_candidates", "k_shown", "weight", "compare_with_id", "exclude_one_opinion",
+        "welfare_alpha", "welfare_tie_break", "n_candidates", "k_shown", "weight", "compare_with_id", "exclude_one_opinion",
     ),
     count=lambda ctx: Arm.objects.filter(experiment=ctx.experiment).count(),
 )

@@ -117,6 +117,11 @@ class Arm(models.Model):
         BORDA = "borda", "Borda"
         SCHULZE = "schulze", "Schulze"
 
+    class TieBreak(models.TextChoices):
+        INDEX = "index", "Lower index"
+        RANDOM = "random", "Seeded random"
+        TBRC = "tbrc", "TBRC (seeded ballots)"
+
     experiment = models.ForeignKey(Experiment, on_delete=models.CASCADE, related_name="arms")
     name = models.CharField(max_length=80)
     generator_backend = models.CharField(max_length=40, blank=True, help_text="Blank: the site default.")
@@ -125,6 +130,13 @@ class Arm(models.Model):
     reward_model_version = models.ForeignKey(RewardModelVersion, null=True, blank=True, on_delete=models.PROTECT)
     welfare_method = models.CharField(max_length=20, choices=Welfare.choices, default=Welfare.UTILITARIAN)
     welfare_alpha = models.FloatField(default=1.0, validators=[MinValueValidator(0.0)])
+    welfare_tie_break = models.CharField(
+        max_length=10,
+        choices=TieBreak.choices,
+        default=TieBreak.INDEX,
+        help_text="How exact welfare ties are broken: the lower index (deterministic), a seeded random order, "
+        "or TBRC (participants' predicted ballots in a seeded random order, as the Habermas Machine's Schulze).",
+    )
     n_candidates = models.PositiveSmallIntegerField(default=16, validators=[MinValueValidator(1), MaxValueValidator(64)])
     k_shown = models.PositiveSmallIntegerField(default=4, validators=[MinValueValidator(1), MaxValueValidator(16)])
     weight = models.PositiveSmallIntegerField(default=1, help_text="Relative share of groups; 0: never assigned to groups.")

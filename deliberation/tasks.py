@@ -93,6 +93,7 @@ def mediate_round(self, round_id: int) -> str:
                     reward_model=reward_model,
                     welfare_method=arm.welfare_method,
                     welfare_alpha=arm.welfare_alpha,
+                welfare_tie_break=arm.welfare_tie_break,
                     sampling=SamplingParams(max_new_tokens=settings.CONCORD_MAX_NEW_TOKENS),
                     on_stage=on_stage,
                 )

@@ -37,6 +37,7 @@ def mediate(
     reward_model: RewardModel,
     welfare_method: str = "utilitarian",
     welfare_alpha: float = 1.0,
+    welfare_tie_break: str = "index",
     sampling: SamplingParams | None = None,
     on_stage: StageCallback | None = None,
 ) -> MediationResult:
@@ -59,7 +60,8 @@ def mediate(
     ]
     flat = reward_model.predict(queries)
     predicted = [flat[p * len(candidates) : (p + 1) * len(candidates)] for p in range(len(opinions))]
-    welfare = rank_candidates(predicted, method=welfare_method, alpha=welfare_alpha)
+    # The round's seed also seeds the tie-break, so a round's ranking can be reproduced.
+    welfare = rank_candidates(predicted, method=welfare_method, alpha=welfare_alpha, tie_break=welfare_tie_break, seed=seed)
     notify("ranking", len(candidates), len(candidates))
     return MediationResult(
         candidates=candidates,
