@@ -68,6 +68,7 @@ DOCS_BEGIN, DOCS_END = "<!-- load:begin -->", "<!-- load:end -->"
 # people live it: opinions spread over the whole opinion phase (Experiment.opinion_seconds, 300 s)
 # and 20-40 s per statement (Experiment.rating_seconds allows 600 s for the 4). Each profile has
 # its results file and its part of docs/benchmarks.md; explicit flags override a profile.
+PACE_LABELS = {"stress": "stress pace", "paced": "people's pace"}
 PROFILES: dict[str, dict[str, Any]] = {
     "stress": {"opinion_window": 60.0, "rating_pause": (5.0, 15.0), "phase_timeout": 240.0, "time_limit": 900.0,
                "output": RESULTS_PATH, "markers": (DOCS_BEGIN, DOCS_END)},
@@ -967,7 +968,7 @@ def summarise(config: LoadConfig, recorder: Recorder, clients: list[LoadClient],
 def markdown_section(result: dict[str, Any]) -> str:
     config = result["config"]
     begin, end = PROFILES[config["profile"]]["markers"]
-    pace = (f"{config['profile']} pace: opinions over {config['opinion_window_s']:.0f} s, "
+    pace = (f"{PACE_LABELS[config['profile']]}: opinions over {config['opinion_window_s']:.0f} s, "
             f"{config['rating_pause_s'][0]:.0f}-{config['rating_pause_s'][1]:.0f} s of reading per statement")
     cpu = result["cpu_percent_of_one_core"]
     rows = [
