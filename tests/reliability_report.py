@@ -26,6 +26,8 @@ GENERATED_BEGIN, GENERATED_END = "<!-- tests:begin -->", "<!-- tests:end -->"
 RELIABILITY_FILES = (
     "tests/deliberation/test_fault_worker_killed.py",
     "tests/deliberation/test_fault_redis_restart.py",
+    "tests/deliberation/test_recovery.py",
+    "tests/deliberation/test_consumer_layer_loss.py",
     "tests/deliberation/test_faults.py",
     "tests/e2e/test_reconnect.py",
     "tests/deliberation/test_abuse.py",
