@@ -50,9 +50,7 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,16 +58,25 @@ from pathlib import Path
 import aiohttp
 import pytest
 from asgiref.sync import sync_to_async
-from django.conf import settings
 from django.db import connections
 
 from deliberation import services
-from deliberation.localsite import database_url_in_use
 from deliberation.models import Candidate, Opinion, Participant, Ranking, Rating, Room, Round
 from tests.conftest import OPINIONS
+from tests.deliberation.processes import (
+    STARTUP_TIMEOUT_S,
+    daphne_command,
+    free_port,
+    process_env,
+    process_logs,
+    start_process,
+    stop_processes,
+    wait_for_workers,
+    wait_until_serving,
+    worker_command,
+)
 from tests.factories import ExperimentFactory
 
-ROOT = Path(settings.BASE_DIR)
 DATABASE_URL = os.environ.get("DATABASE_URL", "")
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 # Loading the model, generating 4 short candidates and ranking them takes ~15 s on two idle
@@ -77,7 +84,6 @@ REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 MEDIATION_TIMEOUT_S = 300.0
 # Reconnecting after a restart includes the clients' backoff (up to RECONNECT_MAX_DELAY_S).
 PHASE_TIMEOUT_S = 60.0
-STARTUP_TIMEOUT_S = 60.0
 RECONNECT_MAX_DELAY_S = 4.0
 # How often the worker sweeps for lost work, and how long a mediation may go without progress
 # before it counts as lost: short here, so the test does not wait minutes for the recovery.
@@ -97,14 +103,6 @@ pytestmark = [
 _VIEW_RE = re.compile(r'<section id="main"[^>]*data-view="(?P<view>[a-z_]+)"')
 _CANDIDATE_RE = re.compile(r'data-candidate="(?P<id>\d+)"')
 _MEDIATION_SUCCEEDED_RE = re.compile(r"Task deliberation\.tasks\.mediate_round\[[^\]]+\] succeeded")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @dataclass
@@ -173,94 +171,39 @@ class Site:
     processes: dict[str, subprocess.Popen[bytes]]
 
     def logs(self) -> str:
-        return "\n".join(
-            f"----- {name} (exit {self.processes[name].poll() if name in self.processes else '-'}) -----\n"
-            f"{path.read_text(errors='replace')[-8000:] if path.exists() else ''}"
-            for name, path in self.log_paths.items()
-        )
+        return process_logs(self.log_paths, self.processes, tail=8000)
 
     def worker_log(self) -> str:
         return self.log_paths["worker"].read_text(errors="replace")
 
 
-def _wait_until_serving(url: str, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"daphne at {url} exited with {process.returncode}"
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.3)
-    raise AssertionError(f"daphne at {url} did not answer within {STARTUP_TIMEOUT_S:.0f} s")
-
-
-def _wait_for_worker(redis_url: str, name: str) -> None:
-    from celery import Celery
-
-    # Not the default app: shared tasks published later in this session must go through the project's app
-    # (and this Redis is gone after the test).
-    probe = Celery("redis-restart-probe", broker=redis_url, set_as_current=False)
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    try:
-        while time.monotonic() < deadline:
-            if any(reply_name.split("@", 1)[0] == name for reply in probe.control.ping(timeout=1.0) or [] for reply_name in reply):
-                return
-    finally:
-        probe.close()
-    raise AssertionError(f"worker {name} did not answer a ping within {STARTUP_TIMEOUT_S:.0f} s")
-
-
 @pytest.fixture
 def site(transactional_db, tmp_path: Path) -> Iterator[Site]:
     """Started after the test database exists; stopped before it is flushed (fixture order)."""
-    redis = PrivateRedis(port=_free_port(), log_path=tmp_path / "redis.log")
-    env = {
-        **os.environ,
-        "PYTHONUNBUFFERED": "1",
-        "DATABASE_URL": database_url_in_use(),
-        "REDIS_URL": redis.url,
-        "SECRET_KEY": settings.SECRET_KEY,
+    redis = PrivateRedis(port=free_port(), log_path=tmp_path / "redis.log")
+    env = process_env(redis.url, {
         "ALLOWED_HOSTS": "127.0.0.1,localhost",
-        "CONCORD_MAX_NEW_TOKENS": "40",
-        "CONCORD_DEVICE": "cpu",
         # The production limits, on: their counters live in the Redis that restarts, and a limiter
         # that cannot count must not refuse submissions. Three members stay far below them.
         "RATE_LIMIT_JOIN_PER_IP": "60",
         "RATE_LIMIT_SUBMIT_PER_PARTICIPANT": "60",
         "CONCORD_RECOVERY_INTERVAL_SECONDS": str(RECOVERY_INTERVAL_S),
         "CONCORD_MEDIATION_STALL_SECONDS": str(MEDIATION_STALL_S),
-        "LOG_LEVEL": "INFO",
-    }
-    env.pop("CONCORD_GENERATOR_BACKEND", None)  # the real default generator
-    bin_dir = Path(sys.executable).parent
-    port = _free_port()
-    commands = {
-        "daphne": [str(bin_dir / "daphne"), "-b", "127.0.0.1", "-p", str(port), "config.asgi:application"],
-        "worker": [str(bin_dir / "celery"), "-A", "config", "worker", "-Q", "gpu,default", "--pool", "solo",
-                   "--loglevel", "INFO", "-n", "redis-restart@%h"],
-    }
+    })
+    port = free_port()
+    commands = {"daphne": daphne_command(port), "worker": worker_command("redis-restart")}
     log_paths = {"redis": redis.log_path, **{name: tmp_path / f"{name}.log" for name in commands}}
     processes: dict[str, subprocess.Popen[bytes]] = {}
     site_ = Site(daphne_url=f"http://127.0.0.1:{port}/", redis=redis, log_paths=log_paths, processes=processes)
     try:
         redis.start()
         for name, command in commands.items():
-            with open(log_paths[name], "wb") as log:
-                processes[name] = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        _wait_until_serving(site_.daphne_url, processes["daphne"])
-        _wait_for_worker(redis.url, "redis-restart")
+            processes[name] = start_process(command, env, log_paths[name])
+        wait_until_serving(site_.daphne_url, processes["daphne"])
+        wait_for_workers(redis.url, ["redis-restart"])
         yield site_
     finally:
-        for process in processes.values():
-            if process.poll() is None:
-                process.terminate()
-        for process in processes.values():
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
+        stop_processes(processes.values())
         redis.stop()
         # Shown by pytest only when the test fails.
         print(site_.logs())

@@ -24,25 +24,31 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from celery import Task
-from django.conf import settings
 
 from deliberation import dispatch, services
-from deliberation.localsite import database_url_in_use
 from deliberation.models import Candidate, Participant, PredictedAgreement, Presentation, Room, Round
 from tests.conftest import OPINIONS
+from tests.deliberation.processes import (
+    STARTUP_TIMEOUT_S,
+    flush_redis,
+    process_env,
+    process_logs,
+    redis_url_with_db,
+    start_process,
+    stop_processes,
+    wait_for_workers,
+    worker_command,
+)
 from tests.factories import ExperimentFactory
 
-ROOT = Path(settings.BASE_DIR)
 REDIS_URL = os.environ.get("REDIS_URL", "")
 DATABASE_URL = os.environ.get("DATABASE_URL", "")
 # A Redis database of its own (test_multi_process uses 14): the queues start empty, and no other
@@ -50,7 +56,6 @@ DATABASE_URL = os.environ.get("DATABASE_URL", "")
 FAULT_REDIS_DB = 13
 # The smallest the settings allow: the killed worker's task comes back after 10 s, not 15 minutes.
 VISIBILITY_TIMEOUT_S = 10
-STARTUP_TIMEOUT_S = 60.0
 # Loading the model takes seconds on idle cores; a busy CI machine can be many times slower.
 GENERATION_START_TIMEOUT_S = 300.0
 # Redelivery (visibility timeout plus the transport's restore sweep), then a whole mediation.
@@ -75,11 +80,6 @@ GPU_QUEUE = "gpu"
 MEDIATE_ROUND = "deliberation.tasks.mediate_round"
 
 
-def _redis_url_with_db(url: str, db: int) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, f"/{db}", parts.query, parts.fragment))
-
-
 def _wait_for(condition: Callable[[], bool], what: str, *, timeout: float, alive: Callable[[], None] = lambda: None) -> None:
     """Poll `condition` until it holds; `alive` raises if a process we depend on has died."""
     deadline = time.monotonic() + timeout
@@ -99,12 +99,9 @@ class FaultSite:
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def start_worker(self, name: str) -> subprocess.Popen[bytes]:
-        command = [str(Path(sys.executable).parent / "celery"), "-A", "config", "worker", "-Q", "gpu,default",
-                   "--pool", "solo", "--loglevel", "INFO", "-n", f"{name}@%h"]
-        with open(self.log_path(name), "wb") as log:
-            process = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        process = start_process(worker_command(name), self.env, self.log_path(name))
         self.processes[name] = process
-        self._wait_for_ping(name, process)
+        wait_for_workers(self.redis_url, [name], processes={name: process})
         return process
 
     def log_path(self, name: str) -> Path:
@@ -114,9 +111,7 @@ class FaultSite:
         return self.log_path(name).read_text(errors="replace")
 
     def logs(self) -> str:
-        return "\n".join(
-            f"----- {name} (exit {process.poll()}) -----\n{self.log(name)[-8000:]}" for name, process in self.processes.items()
-        )
+        return process_logs({name: self.log_path(name) for name in self.processes}, self.processes, tail=8000)
 
     def redis(self) -> Any:
         import redis
@@ -138,53 +133,19 @@ class FaultSite:
 
         return count(unacked), count(queued)
 
-    def flush(self) -> None:
-        client = self.redis()
-        try:
-            client.flushdb()
-        finally:
-            client.close()
-
-    def _wait_for_ping(self, name: str, process: subprocess.Popen[bytes]) -> None:
-        """The worker answers through the broker, so it consumes from the queues (and declared them)."""
-        from celery import Celery
-
-        # Not the current app: shared tasks (mediate_round) resolve to the current app, and this one
-        # knows neither the settings nor the routes.
-        probe = Celery("fault-probe", broker=self.redis_url, set_as_current=False)
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        try:
-            while time.monotonic() < deadline:
-                assert process.poll() is None, f"worker {name} exited with {process.returncode}"
-                replies = probe.control.ping(timeout=1.0) or []
-                if any(worker.split("@", 1)[0] == name for reply in replies for worker in reply):
-                    return
-        finally:
-            probe.close()
-        raise AssertionError(f"worker {name} did not answer a ping within {STARTUP_TIMEOUT_S:.0f} s")
-
 
 @pytest.fixture
 def fault_site(transactional_db, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultSite]:
     """Started after the test database exists; workers stopped before it is flushed (fixture order)."""
-    redis_url = _redis_url_with_db(REDIS_URL, FAULT_REDIS_DB)
-    env = {
-        **os.environ,
-        "PYTHONUNBUFFERED": "1",
-        "DATABASE_URL": database_url_in_use(),
-        "REDIS_URL": redis_url,
-        "SECRET_KEY": settings.SECRET_KEY,
+    redis_url = redis_url_with_db(REDIS_URL, FAULT_REDIS_DB)
+    env = process_env(redis_url, {
         "CELERY_VISIBILITY_TIMEOUT": str(VISIBILITY_TIMEOUT_S),
-        "CONCORD_MAX_NEW_TOKENS": "40",
-        "CONCORD_DEVICE": "cpu",
-        "LOG_LEVEL": "INFO",
         # Under test is the broker's redelivery alone: the workers' periodic recovery sweep (which
         # re-enqueues a mediation stalled for minutes) stays off, so it cannot add a delivery.
         "CONCORD_RECOVERY_INTERVAL_SECONDS": "0",
-    }
-    env.pop("CONCORD_GENERATOR_BACKEND", None)  # the real default generator
+    })
     site = FaultSite(redis_url=redis_url, env=env, log_dir=tmp_path)
-    site.flush()
+    flush_redis(redis_url)
 
     # This process's Celery app publishes to REDIS_URL's database; the round's tasks must reach the
     # workers' database instead. The project's app (its settings and routes: mediate_round -> "gpu"),
@@ -200,18 +161,10 @@ def fault_site(transactional_db, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     try:
         yield site
     finally:
-        for process in site.processes.values():
-            if process.poll() is None:
-                process.terminate()
-        for process in site.processes.values():
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
+        stop_processes(site.processes.values())
         # Shown by pytest only when the test fails.
         print(site.logs())
-        site.flush()
+        flush_redis(redis_url)
 
 
 def _round_in_mediation() -> Round:

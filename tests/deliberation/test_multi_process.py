@@ -15,31 +15,36 @@ pytest shows when the test fails.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import re
 import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import pytest
 from asgiref.sync import sync_to_async
-from django.conf import settings
 from django.db import connections
 
 from deliberation import services
-from deliberation.localsite import database_url_in_use
 from deliberation.models import Candidate, Participant, Ranking, Rating, Room, Round
 from tests.conftest import OPINIONS
+from tests.deliberation.processes import (
+    daphne_command,
+    flush_redis,
+    free_port,
+    process_env,
+    process_logs,
+    redis_url_with_db,
+    start_process,
+    stop_processes,
+    wait_for_workers,
+    wait_until_serving,
+    worker_command,
+)
 from tests.factories import ExperimentFactory
 
-ROOT = Path(settings.BASE_DIR)
 REDIS_URL = os.environ.get("REDIS_URL", "")
 DATABASE_URL = os.environ.get("DATABASE_URL", "")
 # A Redis database of its own: the workers' queues and the channel layer start empty, and
@@ -49,7 +54,6 @@ MULTI_PROCESS_REDIS_DB = 14
 # is generous because a busy CI machine can be many times slower; it only stops a stuck run.
 MEDIATION_TIMEOUT_S = 300.0
 PHASE_TIMEOUT_S = 30.0
-STARTUP_TIMEOUT_S = 60.0
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
@@ -66,21 +70,6 @@ _MEDIATION_SUCCEEDED_RE = re.compile(r"Task deliberation\.tasks\.mediate_round\[
 MEDIATOR_AT_WORK = ("The mediator is writing statements", "Ranking the statements")
 
 
-def _redis_url_with_db(url: str, db: int) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, f"/{db}", parts.query, parts.fragment))
-
-
-def _flush_redis(url: str) -> None:
-    import redis
-
-    client = redis.Redis.from_url(url)
-    try:
-        client.flushdb()
-    finally:
-        client.close()
-
-
 @dataclass
 class Site:
     """Two daphne processes (A, B) and two Celery workers, as separate OS processes."""
@@ -91,78 +80,26 @@ class Site:
     processes: dict[str, subprocess.Popen[bytes]]
 
     def logs(self) -> str:
-        return "\n".join(
-            f"----- {name} (exit {self.processes[name].poll()}) -----\n{path.read_text(errors='replace')[-6000:]}"
-            for name, path in self.log_paths.items()
-        )
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _wait_until_serving(url: str, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"daphne at {url} exited with {process.returncode}"
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.3)
-    raise AssertionError(f"daphne at {url} did not answer within {STARTUP_TIMEOUT_S:.0f} s")
-
-
-def _wait_for_workers(redis_url: str, names: list[str]) -> None:
-    """Both workers answer a ping through the shared broker, so both could take the task."""
-    from celery import Celery
-
-    # Not the default app: shared tasks published later in this session must go through the project's app.
-    probe = Celery("multi-process-probe", broker=redis_url, set_as_current=False)
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    answered: set[str] = set()
-    try:
-        while time.monotonic() < deadline and not set(names) <= answered:
-            for reply in probe.control.ping(timeout=1.0) or []:
-                answered.update(name.split("@", 1)[0] for name in reply)
-    finally:
-        probe.close()
-    assert set(names) <= answered, f"workers {sorted(set(names) - answered)} did not answer a ping"
+        return process_logs(self.log_paths, self.processes, tail=6000)
 
 
 @pytest.fixture
 def site(transactional_db, tmp_path: Path) -> Iterator[Site]:
     """Started after the test database exists; stopped before it is flushed (fixture order)."""
-    redis_url = _redis_url_with_db(REDIS_URL, MULTI_PROCESS_REDIS_DB)
-    _flush_redis(redis_url)
-    env = {
-        **os.environ,
-        "PYTHONUNBUFFERED": "1",
-        "DATABASE_URL": database_url_in_use(),
-        "REDIS_URL": redis_url,
-        "SECRET_KEY": settings.SECRET_KEY,
+    redis_url = redis_url_with_db(REDIS_URL, MULTI_PROCESS_REDIS_DB)
+    flush_redis(redis_url)
+    env = process_env(redis_url, {
         "ALLOWED_HOSTS": "127.0.0.1,localhost",
-        "CONCORD_MAX_NEW_TOKENS": "40",
-        "CONCORD_DEVICE": "cpu",
         # All clients share 127.0.0.1.
         "RATE_LIMIT_JOIN_PER_IP": "0",
         "RATE_LIMIT_SUBMIT_PER_PARTICIPANT": "0",
-        "LOG_LEVEL": "INFO",
-    }
-    env.pop("CONCORD_GENERATOR_BACKEND", None)  # the real default generator
-    bin_dir = Path(sys.executable).parent
-    ports = [_free_port(), _free_port()]
+    })
+    ports = [free_port(), free_port()]
     commands = {
-        "daphne-a": [str(bin_dir / "daphne"), "-b", "127.0.0.1", "-p", str(ports[0]), "config.asgi:application"],
-        "daphne-b": [str(bin_dir / "daphne"), "-b", "127.0.0.1", "-p", str(ports[1]), "config.asgi:application"],
-        "worker-a": [str(bin_dir / "celery"), "-A", "config", "worker", "-Q", "gpu,default", "--pool", "solo",
-                     "--loglevel", "INFO", "-n", "multi-a@%h"],
-        "worker-b": [str(bin_dir / "celery"), "-A", "config", "worker", "-Q", "gpu,default", "--pool", "solo",
-                     "--loglevel", "INFO", "-n", "multi-b@%h"],
+        "daphne-a": daphne_command(ports[0]),
+        "daphne-b": daphne_command(ports[1]),
+        "worker-a": worker_command("multi-a"),
+        "worker-b": worker_command("multi-b"),
     }
     log_paths = {name: tmp_path / f"{name}.log" for name in commands}
     processes: dict[str, subprocess.Popen[bytes]] = {}
@@ -170,25 +107,17 @@ def site(transactional_db, tmp_path: Path) -> Iterator[Site]:
                  log_paths=log_paths, processes=processes)
     try:
         for name, command in commands.items():
-            with open(log_paths[name], "wb") as log:
-                processes[name] = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            processes[name] = start_process(command, env, log_paths[name])
         for url, name in zip(site_.daphne_urls, ("daphne-a", "daphne-b")):
-            _wait_until_serving(url, processes[name])
-        _wait_for_workers(redis_url, ["multi-a", "multi-b"])
+            wait_until_serving(url, processes[name])
+        # Both workers answer a ping through the shared broker, so both could take the task.
+        wait_for_workers(redis_url, ["multi-a", "multi-b"])
         yield site_
     finally:
-        for process in processes.values():
-            if process.poll() is None:
-                process.terminate()
-        for process in processes.values():
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
+        stop_processes(processes.values())
         # Shown by pytest only when the test fails.
         print(site_.logs())
-        _flush_redis(redis_url)
+        flush_redis(redis_url)
 
 
 @dataclass
