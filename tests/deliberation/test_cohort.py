@@ -339,7 +339,7 @@ def test_the_admin_adds_pasted_external_ids_to_the_allow_list(client, cohort_exp
     })
     for arm in cohort_experiment.arms.all():
         data["arms-TOTAL_FORMS"] = data["arms-INITIAL_FORMS"] = "1"
-        data.update({f"arms-0-{f}": getattr(arm, f) for f in ("name", "welfare_method", "welfare_alpha", "n_candidates", "k_shown", "weight")})
+        data.update({f"arms-0-{f}": getattr(arm, f) for f in ("name", "welfare_method", "welfare_alpha", "welfare_tie_break", "n_candidates", "k_shown", "weight")})
         data.update({"arms-0-id": arm.pk, "arms-0-experiment": cohort_experiment.pk})
     response = client.post(url, {k: v for k, v in data.items() if v is not None})
     assert response.status_code == 302, response.context["adminform"].form.errors if response.context else response
