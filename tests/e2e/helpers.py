@@ -168,21 +168,20 @@ class Person:
 
     def rate(self, candidate_id: int, agreement: int, quality: int) -> None:
         form = self.statement_form(candidate_id)
-        html = self.page.locator("html")
         pushes_before = self.state("mainPushes")
         form.locator(f'input[name="agreement"][value="{agreement}"]').check()
         form.locator(f'input[name="quality"][value="{quality}"]').check()
+        # Marks this form element: the response swaps in a new one, which does not carry the mark.
+        form.evaluate("el => { el.dataset.e2eBeforeSave = '1'; }")
         with self.page.expect_response(self._is_post(f"/rate/{candidate_id}/")) as answer:
             form.get_by_role("button", name=re.compile(r"^(Save|Update) rating$")).click()
         assert answer.value.status == 200, f"{self.name}: rating POST answered {answer.value.status}"
-        # Two renders of the form area follow, in either order: the response, swapped in by
-        # htmx, and the server's websocket echo of this participant's own change. Once the
-        # echo has landed nothing else will replace the live form area (a response arriving
-        # later swaps into the #main it was aimed at, which the echo already detached), so
-        # wait for it before ticking the next statement's radios, or the echo may wipe them
-        # (a person is slower than this race, but not always; see the report).
-        expect(html).not_to_have_attribute("data-e2e-main-pushes", str(pushes_before))
+        # The response, swapped in by htmx, is the one render a rating causes: the server does not
+        # echo a participant's own rating over the websocket (it would repeat the response). Wait
+        # for the swap before ticking the next statement's radios.
+        expect(self.statement_form(candidate_id)).not_to_have_attribute("data-e2e-before-save", "1")
         self.expect_rating(candidate_id, agreement, quality)
+        assert self.state("mainPushes") == pushes_before, f"{self.name}: a rating was echoed over the websocket"
 
     def expect_rating(self, candidate_id: int, agreement: int, quality: int) -> None:
         form = self.statement_form(candidate_id)
