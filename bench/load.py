@@ -895,6 +895,7 @@ def summarise(config: LoadConfig, recorder: Recorder, clients: list[LoadClient],
     return {
         "benchmark": "load",
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": _git_commit(),
         "machine": {
             "cpus": psutil.cpu_count(),
             # Anything else running on the machine competes for the same two cores: check this before comparing runs.
@@ -965,6 +966,16 @@ def summarise(config: LoadConfig, recorder: Recorder, clients: list[LoadClient],
     }
 
 
+def _git_commit() -> str:
+    """The code that was measured: the commit, marked dirty when the working tree differs from it."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{commit}-dirty" if dirty else commit
+
+
 def markdown_section(result: dict[str, Any]) -> str:
     config = result["config"]
     begin, end = PROFILES[config["profile"]]["markers"]
@@ -990,7 +1001,7 @@ def markdown_section(result: dict[str, Any]) -> str:
     table = "\n".join(["| Measure | Result |", "| --- | --- |"] + [f"| {name} | {value} |" for name, value in rows])
     return (
         f"{begin}\n"
-        f"Last run: {result['created_at']}, {result['machine']['cpus']} cores, load average before "
+        f"Last run: {result['created_at']} (commit {result.get('git_commit', 'unknown')}), {result['machine']['cpus']} cores, load average before "
         f"{result['machine']['load_average_before'][0]}; {pace}. Stand-in generator, reward model "
         f"`{config['reward_model']}`; goal: 500 sockets, p95 fan-out under 250 ms, no lost submission.\n\n{table}\n{end}"
     )
