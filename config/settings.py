@@ -22,8 +22,11 @@ DEBUG = env_bool("DEBUG", False)
 SECRET_KEY = env_str("SECRET_KEY")
 # A test run needs no secret of its own; pytest is imported before settings are read.
 RUNNING_TESTS = "pytest" in sys.modules
+# Commands that only read or write migration files sign nothing, so a checkout can check its
+# migrations (`manage.py makemigrations --check`, as CI hooks do) without a production secret.
+SIGNS_NOTHING = sys.argv[1:2] in (["makemigrations"], ["showmigrations"], ["sqlmigrate"])
 if not SECRET_KEY:
-    if not DEBUG and not RUNNING_TESTS:
+    if not DEBUG and not RUNNING_TESTS and not SIGNS_NOTHING:
         raise ImproperlyConfigured("SECRET_KEY must be set when DEBUG is off (make run sets DEBUG=1 for you).")
     SECRET_KEY = "insecure-development-key-do-not-use-in-production"
 
