@@ -50,7 +50,7 @@ import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -268,7 +268,7 @@ def create_fixture(config: LoadConfig) -> Fixture:
 
     call_command("migrate", verbosity=0, interactive=False)
     owner = get_user_model().objects.create_user(username="load-owner", password=BENCH_SECRET_KEY)
-    demo_questions = json.loads((ROOT / "deliberation" / "demo_questions.json").read_text())
+    demo_questions = json.loads((ROOT / "research" / "demo_questions.json").read_text())
     questions = [
         Question.objects.create(
             external_id=f"load-{row['id']}",
@@ -606,7 +606,7 @@ class LoadClient:
             async with self.session.post(self.base_url + path, data=data, headers=headers) as response:
                 body = await response.text()
                 status = response.status
-        except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+        except (TimeoutError, aiohttp.ClientError) as error:
             raise self.fail(f"{kind}: connection", repr(error)) from error
         ended = time.monotonic()
         self.recorder.http_ms.setdefault(kind, []).append((ended - started) * 1000)
@@ -622,11 +622,11 @@ class LoadClient:
     async def join_and_connect(self) -> None:
         try:
             await self.join()
-        except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+        except (TimeoutError, aiohttp.ClientError) as error:
             raise self.fail(f"join: {type(error).__name__}", repr(error)) from error
         try:
             await self.connect()
-        except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+        except (TimeoutError, aiohttp.ClientError) as error:
             raise self.fail(f"socket connect: {type(error).__name__}", repr(error)) from error
 
     async def join(self) -> None:
@@ -660,7 +660,7 @@ class LoadClient:
         while time.monotonic() < deadline:
             try:
                 message = await self.socket.receive(timeout=max(0.1, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 break
             if message.type != aiohttp.WSMsgType.TEXT:
                 if not self.socket_closed and message.type not in (aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
@@ -693,7 +693,7 @@ class LoadClient:
 
         try:
             await asyncio.wait_for(reached(), timeout=self.config.phase_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise self.fail(f"timeout waiting for {'/'.join(views)}", f"still at {self.view!r}") from None
         if self.view not in views:
             raise self.fail("socket closed while waiting", f"waiting for {views} at {self.view!r}")
@@ -894,7 +894,7 @@ def summarise(config: LoadConfig, recorder: Recorder, clients: list[LoadClient],
     push = statements_push_seconds(clients)
     return {
         "benchmark": "load",
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "git_commit": _git_commit(),
         "machine": {
             "cpus": psutil.cpu_count(),

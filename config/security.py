@@ -7,7 +7,7 @@ indicator styles are turned off and eval is disallowed (see the htmx-config meta
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse

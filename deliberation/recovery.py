@@ -1,4 +1,4 @@
-"""The recovery sweep: periodically redo work whose task was lost (services.rounds_recover).
+"""The recovery sweep: periodically redo work whose task was lost (rounds_recover, below).
 
 It needs no Celery beat, and no message survives in the broker to keep it going: the loop
 lives in each process that runs tasks, and only reads and writes the database.
@@ -23,22 +23,121 @@ import contextlib
 import logging
 import threading
 from collections.abc import Iterator
-from datetime import timedelta
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import close_old_connections, connection
+from django.db import close_old_connections, connection, transaction
+from django.db.models.functions import Coalesce
+from django.utils import timezone
 
-from . import services
+from . import dispatch, events, services
+from .dispatch import TaskName
+from .models import Room, Round
 
 logger = logging.getLogger(__name__)
 
+# A phase timer gets this long past its deadline to fire by itself before rounds_recover fires it.
+DEADLINE_GRACE = timedelta(seconds=5)
 
-def sweep_once() -> services.RecoveryReport | None:
+
+@dataclass
+class RecoveryReport:
+    """What one rounds_recover sweep redid; empty (false) when nothing was lost."""
+
+    requeued: list[int] = field(default_factory=list)  # rounds whose mediation was enqueued again
+    failed: list[int] = field(default_factory=list)  # rounds that ran out of mediation attempts
+    deadlines: dict[int, str] = field(default_factory=dict)  # round id: what its overdue phase deadline did
+    waits: dict[int, str] = field(default_factory=dict)  # room id: what its overdue wait for a group did
+
+    def __bool__(self) -> bool:
+        return bool(self.requeued or self.failed or self.deadlines or self.waits)
+
+
+def rounds_recover(*, stalled_after: timedelta, now: datetime | None = None) -> RecoveryReport:
+    """Redo work whose task was lost, so that no round waits forever.
+
+    Tasks travel through the broker (Redis), which can lose them: a restart without persistence
+    empties the queues and forgets unacknowledged and scheduled messages, and an enqueue while it
+    is down fails after the write it belonged to has committed. The database still says what
+    should be happening, so this sweep reads it and acts:
+
+    - a round in mediation, without candidates, that showed no sign of progress for
+      `stalled_after` gets its mediate_round task again (or, once it has used up
+      MAX_MEDIATION_ATTEMPTS, ends as failed rather than keep its group waiting);
+    - an opinion or rating phase whose deadline passed DEADLINE_GRACE ago fires it;
+    - a forming group whose maximum wait ran out fires that.
+
+    Idempotent, and safe from any number of processes at once: each row is rechecked under its
+    lock, a requeue restarts the stall clock, the deadline services check the database, and
+    mediation_claim and candidates_store do nothing twice. A false alarm (a task still queued
+    behind others, or a very slow model load) costs at most a duplicate message that finds
+    nothing to do.
+    """
+    now = now or timezone.now()
+    report = RecoveryReport()
+    cutoff = now - stalled_after
+    stalled = (
+        Round.objects.filter(phase=Round.Phase.MEDIATING, candidates__isnull=True)
+        .annotate(last_sign=Coalesce("progress_at", "mediation_started_at"))
+        .filter(last_sign__lt=cutoff)
+        .values_list("pk", flat=True)
+        .distinct()
+    )
+    for round_id in list(stalled):
+        outcome = _mediation_recover(round_id=round_id, cutoff=cutoff, now=now)
+        if outcome == "requeued":
+            report.requeued.append(round_id)
+        elif outcome == "failed":
+            report.failed.append(round_id)
+    overdue = Round.objects.filter(
+        phase__in=[Round.Phase.OPINIONS, Round.Phase.RATING], phase_deadline__lt=now - DEADLINE_GRACE
+    ).values_list("pk", "phase")
+    for round_id, phase in list(overdue):
+        report.deadlines[round_id] = services.round_deadline_fire(round_id=round_id, phase=phase)
+    forming = Room.objects.filter(
+        status=Room.Status.OPEN, experiment__max_wait_seconds__gt=0, rounds__index=0, rounds__phase=Round.Phase.WAITING
+    ).values_list("pk", "created_at", "experiment__max_wait_seconds")
+    for room_id, created_at, max_wait_seconds in list(forming):
+        if created_at + timedelta(seconds=max_wait_seconds) + DEADLINE_GRACE < now:
+            report.waits[room_id] = services.room_wait_deadline_fire(room_id=room_id)
+    return report
+
+
+def _mediation_recover(*, round_id: int, cutoff: datetime, now: datetime) -> str:
+    with transaction.atomic():
+        # A row locked by someone else (a worker claiming it right now) is moving: leave it.
+        round_ = Round.objects.select_for_update(skip_locked=True).filter(pk=round_id).first()
+        if round_ is None:
+            return "busy"
+        last_sign = round_.progress_at or round_.mediation_started_at
+        if round_.phase != Round.Phase.MEDIATING or round_.candidates.exists() or last_sign is None or last_sign >= cutoff:
+            return "moved"
+        round_.progress_at = now
+        if not round_.mediation_attempts_left():
+            round_.mediation_error = (round_.mediation_error + "\n" if round_.mediation_error else "") + (
+                f"no progress since {last_sign.isoformat()} after {round_.mediation_attempts} attempts"
+            )
+            round_.progress_stage = Round.Stage.FAILED
+            round_.save(update_fields=["progress_at", "progress_stage", "mediation_error"])
+            services.round_finish(round_=round_, outcome=Round.Outcome.FAILED)
+            return "failed"
+        round_.progress_stage = Round.Stage.QUEUED
+        round_.progress_done = 0
+        round_.save(update_fields=["progress_at", "progress_stage", "progress_done"])
+        events.send_on_commit(
+            events.MediationProgress(room_id=round_.room_id, round_id=round_.pk, stage=Round.Stage.QUEUED, done=0, total=round_.progress_total)
+        )
+        transaction.on_commit(lambda: dispatch.enqueue(TaskName.MEDIATE_ROUND, args=[round_id]))
+    return "requeued"
+
+
+def sweep_once() -> RecoveryReport | None:
     """One sweep; never raises (the database may be down too: the next sweep tries again)."""
     close_old_connections()
     try:
-        report = services.rounds_recover(stalled_after=timedelta(seconds=settings.CONCORD_MEDIATION_STALL_SECONDS))
+        report = rounds_recover(stalled_after=timedelta(seconds=settings.CONCORD_MEDIATION_STALL_SECONDS))
     except Exception:
         logger.exception("Recovery sweep failed; trying again in %s s", settings.CONCORD_RECOVERY_INTERVAL_SECONDS)
         return None
@@ -79,7 +178,7 @@ _start_lock = threading.Lock()
 # Set by stop(); the sweep of this process ends at its next wake-up.
 _stopping = threading.Event()
 _thread: threading.Thread | None = None
-_loop_task: tuple[asyncio.AbstractEventLoop, "asyncio.Task[None]"] | None = None
+_loop_task: tuple[asyncio.AbstractEventLoop, asyncio.Task[None]] | None = None
 
 
 def _claim_start() -> bool:

@@ -5,17 +5,12 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass, field
-from datetime import datetime
 
-from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
-from django.db.models import Count, Q, QuerySet
-from django.utils import timezone
+from modeling.likert import AGREEMENT_LABELS
 
 from .models import (
     AttentionCheck,
     Candidate,
-    DatasetExport,
     Experiment,
     Opinion,
     OpinionRating,
@@ -29,16 +24,6 @@ from .models import (
     Room,
     Round,
 )
-
-LIKERT_LABELS = {
-    1: "Strongly disagree",
-    2: "Disagree",
-    3: "Somewhat disagree",
-    4: "Neither agree nor disagree",
-    5: "Somewhat agree",
-    6: "Agree",
-    7: "Strongly agree",
-}
 
 
 @dataclass
@@ -101,7 +86,7 @@ class ParticipantState:
 
     @property
     def attention_label(self) -> str:
-        return LIKERT_LABELS.get(self.attention_expected or 0, "")
+        return AGREEMENT_LABELS.get(self.attention_expected or 0, "")
 
     @property
     def all_rated(self) -> bool:
@@ -116,18 +101,10 @@ class ParticipantState:
 
     @property
     def view(self) -> str:
-        """Which screen the participant sees: the round's phase, refined by what they have done."""
-        if self.released:
-            return "released"
-        if self.participant.finished_at is not None or self.round.phase == Round.Phase.DONE:
-            return "done"
-        if self.participant.dropped_out_at is not None:
-            return "dropped"
-        if self.round.phase == Round.Phase.OPINIONS and self.my_opinion is not None:
-            return "opinion_sent"
-        if self.round.phase == Round.Phase.RATING and not self.statements:
-            return "not_rating"  # joined but wrote no opinion in time
-        return self.round.phase
+        """Which screen the participant sees (the rule is Participant.screen)."""
+        return self.participant.screen(
+            round_=self.round, has_opinion=self.my_opinion is not None, has_statements=bool(self.statements), released=self.released
+        )
 
     def main_key(self) -> str:
         """Changes exactly when the participant's form area must be re-rendered."""
@@ -149,14 +126,9 @@ def participant_by_code(code: str) -> Participant | None:
 
 
 def completion_code_for(participant: Participant) -> str:
+    """The code a participant is shown at the end: their release code if they were released, else their completion code."""
     release = Release.objects.filter(participant=participant).first()
-    if release is not None:
-        return release.code
-    experiment = participant.room.experiment
-    if experiment.completion_code:
-        return experiment.completion_code
-    digest = hashlib.sha256(f"{settings.SECRET_KEY}:{participant.code}".encode()).hexdigest()
-    return f"C{digest[:8].upper()}"
+    return release.code if release is not None else participant.completion_code()
 
 
 def _presence(members: list[Participant], writers: set[int], you: Participant | None) -> list[PresenceRow]:
@@ -321,19 +293,7 @@ def _add_protocol_items(state: ParticipantState, *, source_arm_of: dict[int, int
         state.attention_answered = AttentionCheck.objects.filter(participant=participant, round=round_).exists()
 
 
-# --- Researchers -------------------------------------------------------------------
-
-
-def experiments_for(user: AbstractBaseUser | AnonymousUser) -> QuerySet[Experiment]:
-    if not user.is_authenticated:
-        return Experiment.objects.none()
-    if user.is_staff:
-        return Experiment.objects.all().order_by("-created_at")
-    return Experiment.objects.filter(owner=user).order_by("-created_at")
-
-
-def can_monitor(user: AbstractBaseUser | AnonymousUser, room: Room) -> bool:
-    return bool(user.is_authenticated and (user.is_staff or room.experiment.owner_id == user.pk))
+# --- The room monitor (researchers) -------------------------------------------------
 
 
 @dataclass
@@ -417,79 +377,3 @@ def _explain_ranking(rows: list[MonitorCandidate], participants: list[Participan
         candidate_labels=[f"#{row.candidate.index}" for row in rows],
         participant_labels=[participants[i].label for i in scored],
     )
-
-
-def rooms_for_experiment(experiment: Experiment) -> QuerySet[Room]:
-    return experiment.rooms.select_related("arm", "question").prefetch_related("rounds").order_by("-id")
-
-
-# --- Researchers: cohorts and exports ------------------------------------------------
-
-
-@dataclass
-class CohortRoom:
-    room: Room
-    round: Round
-    joined: int
-    connected: int
-    opinions: int
-    finished: int
-    dropped: int
-    released: int
-    waiting_seconds: float | None  # how long a forming group has waited so far
-
-
-@dataclass
-class CohortState:
-    experiment: Experiment
-    rooms: list[CohortRoom]
-    totals: dict[str, int]
-    generated_at: datetime
-
-
-def cohort_state(experiment: Experiment) -> CohortState:
-    """Every room of an experiment at a glance, for the live cohort monitor."""
-    experiment = Experiment.objects.get(pk=experiment.pk)
-    now = timezone.now()
-    rooms = (
-        experiment.rooms.select_related("arm", "question")
-        .annotate(
-            joined=Count("participants", distinct=True),
-            connected=Count("participants", filter=Q(participants__connections__gt=0), distinct=True),
-            finished=Count("participants", filter=Q(participants__finished_at__isnull=False), distinct=True),
-            dropped=Count("participants", filter=Q(participants__dropped_out_at__isnull=False), distinct=True),
-            released=Count("participants", filter=Q(participants__release__isnull=False), distinct=True),
-        )
-        .order_by("-id")
-    )
-    rounds = {r.room_id: r for r in Round.objects.filter(room__experiment=experiment, index=0).annotate(n_opinions=Count("opinions"))}
-    rows = []
-    for room in rooms:
-        round_ = rounds[room.pk]
-        rows.append(
-            CohortRoom(
-                room=room, round=round_, joined=room.joined, connected=room.connected, opinions=round_.n_opinions,
-                finished=room.finished, dropped=room.dropped, released=room.released,
-                waiting_seconds=(now - room.created_at).total_seconds() if round_.phase == Round.Phase.WAITING else None,
-            )
-        )
-    totals = {
-        "rooms": len(rows),
-        "waiting": sum(1 for r in rows if r.round.phase == Round.Phase.WAITING),
-        "running": sum(1 for r in rows if r.round.phase not in (Round.Phase.WAITING, Round.Phase.DONE)),
-        "done": sum(1 for r in rows if r.round.phase == Round.Phase.DONE),
-        "participants": sum(r.joined for r in rows),
-        "connected": sum(r.connected for r in rows),
-        "finished": sum(r.finished for r in rows),
-        "dropped": sum(r.dropped for r in rows),
-        "released": sum(r.released for r in rows),
-    }
-    return CohortState(experiment=experiment, rooms=rows, totals=totals, generated_at=now)
-
-
-def exports_for(experiment: Experiment) -> QuerySet[DatasetExport]:
-    return DatasetExport.objects.filter(experiment=experiment).select_related("requested_by").order_by("-created_at", "-id")
-
-
-def export_visible_to(user: AbstractBaseUser | AnonymousUser, export_id: int) -> DatasetExport | None:
-    return DatasetExport.objects.filter(pk=export_id, experiment__in=experiments_for(user)).select_related("experiment").first()

@@ -1,54 +1,34 @@
-"""Celery tasks: thin, idempotent, safe to retry. They take ids and call services."""
+"""Celery tasks of the rooms: thin, idempotent, safe to retry. They take ids and call services.
+
+Each is registered under its TaskName (deliberation.dispatch), by which services queue it.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
 
 from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 
-from . import services
-from .models import Arm
-from .recovery import heartbeat
+from modeling.generation.base import SamplingParams
+from modeling.pipeline import PipelineStage, mediate
 
-if TYPE_CHECKING:
-    from modeling.generation.base import Generator
-    from modeling.reward.base import RewardModel
+from . import services
+from .dispatch import TaskName
+from .mediator import load_models
+from .models import MAX_MEDIATION_ATTEMPTS, Arm
+from .recovery import heartbeat
 
 logger = logging.getLogger(__name__)
 
-MAX_MEDIATION_ATTEMPTS = services.MAX_MEDIATION_ATTEMPTS
 # Progress events are throttled: a participant gains nothing from more than a few a second.
 PROGRESS_MIN_INTERVAL_S = 0.25
-# An export streams rows, so its time grows with the data; an hour covers very large studies.
-EXPORT_TIME_LIMIT_S = 3600
-
-
-def load_models(*, arm: Arm | None) -> tuple["Generator", "RewardModel"]:
-    """The arm's generator and reward model (or the site defaults), loaded once per process."""
-    from modeling.generation.registry import get_generator
-    from modeling.reward.registry import get_reward_model
-
-    generator = get_generator(
-        (arm and arm.generator_backend) or settings.CONCORD_GENERATOR_BACKEND,
-        (arm and arm.generator_model) or settings.CONCORD_GENERATOR_MODEL,
-        device=settings.CONCORD_DEVICE,
-        cache_dir=settings.CONCORD_MODEL_STORE / "hf-cache",
-    )
-    version = arm.reward_model_version if arm is not None and arm.reward_model_version_id else None
-    reward_model = get_reward_model(
-        (arm and arm.reward_model) or settings.CONCORD_REWARD_MODEL,
-        embedding_model=settings.CONCORD_EMBEDDING_MODEL,
-        version_path=version.path if version is not None else None,
-        device=settings.CONCORD_DEVICE,
-    )
-    return generator, reward_model
 
 
 @shared_task(
+    name=TaskName.MEDIATE_ROUND.value,
     bind=True,
     acks_late=True,
     reject_on_worker_lost=True,
@@ -57,9 +37,6 @@ def load_models(*, arm: Arm | None) -> tuple["Generator", "RewardModel"]:
     time_limit=settings.CONCORD_MEDIATION_TIME_LIMIT + 60,
 )
 def mediate_round(self, round_id: int) -> str:
-    from modeling.generation.base import SamplingParams
-    from modeling.pipeline import mediate
-
     mediation = services.mediation_claim(round_id=round_id)
     if mediation is None:
         return "nothing to do"
@@ -69,9 +46,9 @@ def mediate_round(self, round_id: int) -> str:
     last_sent = [0.0, ("", -1)]
     offset = [0]  # candidates written by earlier configurations of a head-to-head round
 
-    def on_stage(stage: str, done: int, stage_total: int) -> None:
-        done = offset[0] + done if stage == "generating" else done
-        shown_total = total if stage == "generating" else stage_total
+    def on_stage(stage: PipelineStage, done: int, stage_total: int) -> None:
+        done = offset[0] + done if stage == PipelineStage.GENERATING else done
+        shown_total = total if stage == PipelineStage.GENERATING else stage_total
         now = time.monotonic()
         if (stage, done) == last_sent[1] or (now - last_sent[0] < PROGRESS_MIN_INTERVAL_S and 0 < done < shown_total):
             return
@@ -93,7 +70,7 @@ def mediate_round(self, round_id: int) -> str:
                     reward_model=reward_model,
                     welfare_method=arm.welfare_method,
                     welfare_alpha=arm.welfare_alpha,
-                welfare_tie_break=arm.welfare_tie_break,
+                    welfare_tie_break=arm.welfare_tie_break,
                     sampling=SamplingParams(max_new_tokens=settings.CONCORD_MAX_NEW_TOKENS),
                     on_stage=on_stage,
                 )
@@ -108,30 +85,16 @@ def mediate_round(self, round_id: int) -> str:
         services.mediation_fail(round_id=round_id, error=f"{type(error).__name__}: {error}", final=final)
         if final:
             return "failed"
-        raise self.retry(exc=error, countdown=2 ** self.request.retries)
+        raise self.retry(exc=error, countdown=2 ** self.request.retries) from error
     stored = services.candidates_store(mediation=mediation, results=results)
     return "stored" if stored else "already stored"
 
 
-@shared_task(acks_late=True, soft_time_limit=60, time_limit=90)
+@shared_task(name=TaskName.ROUND_DEADLINE.value, acks_late=True, soft_time_limit=60, time_limit=90)
 def round_deadline(round_id: int, phase: str) -> str:
     return services.round_deadline_fire(round_id=round_id, phase=phase)
 
 
-@shared_task(acks_late=True, soft_time_limit=60, time_limit=90)
+@shared_task(name=TaskName.ROOM_WAIT_DEADLINE.value, acks_late=True, soft_time_limit=60, time_limit=90)
 def room_wait_deadline(room_id: int) -> str:
     return services.room_wait_deadline_fire(room_id=room_id)
-
-
-@shared_task(
-    acks_late=True,
-    reject_on_worker_lost=True,
-    soft_time_limit=EXPORT_TIME_LIMIT_S,
-    time_limit=EXPORT_TIME_LIMIT_S + 60,
-)
-def export_dataset(export_id: int) -> str:
-    """Write one dataset export (see deliberation.exports). Idempotent: a finished export is not written again;
-    a redelivered one is rewritten from scratch, since files are only moved into place when complete."""
-    from .exports import run_export
-
-    return run_export(export_id=export_id)

@@ -7,12 +7,13 @@ from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseBadRequest
 from django.shortcuts import get_object_or_404, redirect, render
-from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
+from accounts import permissions
+
 from . import selectors, services
-from .ratelimit import rate_limited
 from .models import Experiment, Participant, Room
+from .ratelimit import rate_limited
 
 SESSION_KEY = "concord_participants"
 EXTERNAL_ID_PARAMS = ("PROLIFIC_PID", "participant_label")
@@ -184,31 +185,12 @@ def _after_action(request: HttpRequest, participant: Participant) -> HttpRespons
     return redirect("participant", code=participant.code)
 
 
-# --- Researchers ---------------------------------------------------------------------
-
-
-@login_required
-@require_GET
-def researcher_home(request: HttpRequest) -> HttpResponse:
-    experiments = selectors.experiments_for(request.user)
-    return render(request, "deliberation/researcher_home.html", {"experiments": experiments})
-
-
-@login_required
-@require_GET
-def experiment_detail(request: HttpRequest, slug: str) -> HttpResponse:
-    experiment = get_object_or_404(selectors.experiments_for(request.user), slug=slug)
-    join_url = request.build_absolute_uri(reverse("join", kwargs={"slug": experiment.slug}))
-    return render(
-        request,
-        "deliberation/experiment_detail.html",
-        {"experiment": experiment, "rooms": selectors.rooms_for_experiment(experiment), "join_url": join_url},
-    )
+# --- The room monitor (researchers) -------------------------------------------------
 
 
 def _monitored_room(request: HttpRequest, room_id: int) -> Room:
     room = get_object_or_404(Room.objects.select_related("experiment"), pk=room_id)
-    if not selectors.can_monitor(request.user, room):
+    if not permissions.can_monitor(request.user, room):
         raise PermissionDenied("You can only monitor your own experiments.")
     return room
 
@@ -229,93 +211,3 @@ def room_start(request: HttpRequest, room_id: int) -> HttpResponse:
     except services.ServiceError as error:
         messages.error(request, str(error))
     return redirect("room_monitor", room_id=room.pk)
-
-
-# --- Researchers: cohorts, analytics, exports -------------------------------------------------
-
-
-def _own_experiment(request: HttpRequest, slug: str) -> Experiment:
-    # Another researcher's experiment does not exist, as far as this researcher can tell.
-    return get_object_or_404(selectors.experiments_for(request.user), slug=slug)
-
-
-@login_required
-@require_GET
-def cohort_monitor(request: HttpRequest, slug: str) -> HttpResponse:
-    experiment = _own_experiment(request, slug)
-    template = "deliberation/partials/cohort_body.html" if request.htmx else "deliberation/cohort.html"
-    return render(request, template, {"cohort": selectors.cohort_state(experiment)})
-
-
-@login_required
-@require_POST
-def experiment_pause(request: HttpRequest, slug: str) -> HttpResponse:
-    experiment = _own_experiment(request, slug)
-    paused = request.POST.get("action") == "pause"
-    services.experiment_pause(experiment=experiment, paused=paused)
-    messages.success(request, "The study is paused: nobody new can join." if paused else "The study is accepting participants again.")
-    return redirect("cohort_monitor", slug=experiment.slug)
-
-
-@login_required
-@require_GET
-def analytics_page(request: HttpRequest, slug: str) -> HttpResponse:
-    from . import analytics
-
-    experiment = _own_experiment(request, slug)
-    report = analytics.experiment_report(experiment)
-    return render(
-        request,
-        "deliberation/analytics.html",
-        {"experiment": experiment, "report": report, "rows": analytics.table_rows(report), "charts": analytics.charts(report)},
-    )
-
-
-@login_required
-@require_GET
-def analytics_csv(request: HttpRequest, slug: str) -> HttpResponse:
-    from . import analytics
-
-    experiment = _own_experiment(request, slug)
-    response = HttpResponse(analytics.report_csv(analytics.experiment_report(experiment)), content_type="text/csv; charset=utf-8")
-    response["Content-Disposition"] = f'attachment; filename="{experiment.slug}-analytics.csv"'
-    return response
-
-
-@login_required
-@require_http_methods(["GET", "POST"])
-def exports_page(request: HttpRequest, slug: str) -> HttpResponse:
-    experiment = _own_experiment(request, slug)
-    if request.method == "POST":
-        try:
-            services.dataset_export_request(
-                experiment=experiment, requested_by=request.user, via="web", format=request.POST.get("format", ""),
-                include_external_ids=request.POST.get("include_external_ids") == "yes",
-            )
-        except services.ServiceError as error:
-            messages.error(request, str(error))
-        else:
-            messages.success(request, "The export is being written; this page shows its progress.")
-        return redirect("exports_page", slug=experiment.slug)
-    template = "deliberation/partials/exports_table.html" if request.htmx else "deliberation/exports.html"
-    from .exports import parquet_available
-    from .models import DatasetExport
-
-    formats = [(v, label) for v, label in DatasetExport.Format.choices if v != "parquet" or parquet_available()]
-    return render(request, template, {"experiment": experiment, "exports": selectors.exports_for(experiment), "formats": formats})
-
-
-@login_required
-@require_GET
-def export_download(request: HttpRequest, export_id: int) -> HttpResponse:
-    from django.http import FileResponse
-
-    from .exports import export_for
-
-    export = selectors.export_visible_to(request.user, export_id)
-    if export is None:
-        raise Http404("No such export.")
-    path = export_for(export)
-    if path is None:
-        raise Http404("This export has no file (yet, or any more).")
-    return FileResponse(path.open("rb"), as_attachment=True, filename=path.name, content_type="application/zip")

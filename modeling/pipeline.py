@@ -6,15 +6,22 @@ step is testable without Django.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from enum import StrEnum
 
 from .generation.base import Candidate, GenerationRequest, Generator, SamplingParams
 from .reward.base import AgreementQuery, RewardModel
 from .welfare import WelfareResult, rank_candidates
 
-# on_stage(stage, done, total): stage is "generating" or "ranking".
-StageCallback = Callable[[str, int, int], None]
+
+class PipelineStage(StrEnum):
+    GENERATING = "generating"
+    RANKING = "ranking"
+
+
+# on_stage(stage, done, total)
+StageCallback = Callable[[PipelineStage, int, int], None]
 
 
 @dataclass
@@ -45,13 +52,13 @@ def mediate(
         raise ValueError("mediate needs at least one opinion")
     notify = on_stage or (lambda stage, done, total: None)
 
-    notify("generating", 0, n)
+    notify(PipelineStage.GENERATING, 0, n)
     request = GenerationRequest(
         question=question, opinions=list(opinions), n=n, seed=seed, sampling=sampling or SamplingParams()
     )
-    candidates = generator.generate(request, on_progress=lambda done, total: notify("generating", done, total))
+    candidates = generator.generate(request, on_progress=lambda done, total: notify(PipelineStage.GENERATING, done, total))
 
-    notify("ranking", 0, len(candidates))
+    notify(PipelineStage.RANKING, 0, len(candidates))
     # Every (participant, candidate) pair in one batch: one forward pass, not P x N.
     queries = [
         AgreementQuery(question=question, opinion=opinion, statement=candidate.text)
@@ -62,7 +69,7 @@ def mediate(
     predicted = [flat[p * len(candidates) : (p + 1) * len(candidates)] for p in range(len(opinions))]
     # The round's seed also seeds the tie-break, so a round's ranking can be reproduced.
     welfare = rank_candidates(predicted, method=welfare_method, alpha=welfare_alpha, tie_break=welfare_tie_break, seed=seed)
-    notify("ranking", len(candidates), len(candidates))
+    notify(PipelineStage.RANKING, len(candidates), len(candidates))
     return MediationResult(
         candidates=candidates,
         predicted=predicted,

@@ -40,7 +40,13 @@ import numpy as np
 
 FloatMatrix = np.ndarray  # shape (participants, candidates), float64
 
-TIE_BREAKS = ("index", "random", "tbrc")
+# The one list of tie-break rules: name -> label (Arm's choices and the commands' options are built from it).
+TIE_BREAK_LABELS: dict[str, str] = {
+    "index": "Lower index",
+    "random": "Seeded random",
+    "tbrc": "TBRC (seeded ballots)",
+}
+TIE_BREAKS = tuple(TIE_BREAK_LABELS)
 
 
 @dataclass
@@ -240,14 +246,18 @@ def schulze_welfare(matrix: FloatMatrix, alpha: float = 0.0) -> list[float]:
 
 WelfareFunction = Callable[[FloatMatrix, float], list[float]]
 
-WELFARE_FUNCTIONS: dict[str, WelfareFunction] = {
-    "utilitarian": utilitarian_welfare,
-    "rawlsian": rawlsian_welfare,
-    "nash": nash_welfare,
-    "isoelastic": isoelastic_welfare,
-    "borda": borda_welfare,
-    "schulze": schulze_welfare,
+# The registry of welfare functions: name -> (function, label). Arm's choices, the commands'
+# options and the monitor's columns are all built from it, so a name exists only here.
+WELFARE_METHODS: dict[str, tuple[WelfareFunction, str]] = {
+    "utilitarian": (utilitarian_welfare, "Utilitarian (mean)"),
+    "rawlsian": (rawlsian_welfare, "Rawlsian (minimum)"),
+    "nash": (nash_welfare, "Nash (geometric mean)"),
+    "isoelastic": (isoelastic_welfare, "Isoelastic (inequality-averse, alpha)"),
+    "borda": (borda_welfare, "Borda"),
+    "schulze": (schulze_welfare, "Schulze"),
 }
+WELFARE_FUNCTIONS: dict[str, WelfareFunction] = {name: function for name, (function, _) in WELFARE_METHODS.items()}
+WELFARE_LABELS: dict[str, str] = {name: label for name, (_, label) in WELFARE_METHODS.items()}
 
 
 # --- ranking and tie-breaking -----------------------------------------------------

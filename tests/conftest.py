@@ -36,6 +36,31 @@ def django_db_setup(django_db_setup):
 
 
 @pytest.fixture(autouse=True)
+def _fake_generation_unless_real_model(request, monkeypatch) -> None:
+    """The default test run mediates with the stand-in generator: instant, deterministic, and it honours the
+    whole Generator contract (n candidates, shuffled opinion orders, prompts, tokens), so everything after it
+    (the real similarity reward model, welfare, storage, presentation, rating) runs as in production.
+
+    Tests marked `real_model` load the real default generator (SmolLM2): one per path that users take
+    (services, the Celery task, the cohort command, the browser), so the real model is still exercised.
+    Only the site-default backend is replaced; an arm that names another backend (openai, vllm) gets it.
+    """
+    if request.node.get_closest_marker("real_model"):
+        return
+    from deliberation import mediator
+    from modeling.generation.standin import StandInGenerator
+
+    real_load = mediator.load_generator
+
+    def load_generator(config):
+        if config.backend == "transformers":
+            return StandInGenerator(config.model)
+        return real_load(config)
+
+    monkeypatch.setattr(mediator, "load_generator", load_generator)
+
+
+@pytest.fixture(autouse=True)
 def _test_settings(settings) -> None:
     settings.CONCORD_MAX_NEW_TOKENS = 40
     # Every test client shares one address; tests of the limits turn them back on.

@@ -15,7 +15,7 @@ import ast
 import sys
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,7 +109,7 @@ def render(cases: list[Case], *, sources: list[Path]) -> str:
         counts[case.outcome] = counts.get(case.outcome, 0) + 1
     total_s = sum(case.seconds for case in cases)
     lines = [
-        f"Recorded {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} from "
+        f"Recorded {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} from "
         + ", ".join(f"`{p.name}`" for p in sources)
         + f": {len(cases)} tests, "
         + ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items()))

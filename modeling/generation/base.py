@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 # Called as on_progress(done, total) while candidates are being written.
 ProgressCallback = Callable[[int, int], None]

@@ -27,6 +27,9 @@ BACKENDS: dict[str, type] = {
     StandInGenerator.backend: StandInGenerator,
 }
 
+# What a site may choose as its default (CONCORD_GENERATOR_BACKEND): every backend but the stand-in.
+DEFAULT_CAPABLE_BACKENDS: tuple[str, ...] = tuple(name for name in BACKENDS if name != StandInGenerator.backend)
+
 _CacheKey = tuple[str, str, str, str, tuple[tuple[str, str], ...]]
 
 _registry_lock = threading.Lock()

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
-LIKERT_MIN = 1.0
-LIKERT_MAX = 7.0
+from .. import likert
+
+# Predictions are floats on the members' scale.
+LIKERT_MIN = float(likert.LIKERT_MIN)
+LIKERT_MAX = float(likert.LIKERT_MAX)
 
 
 @dataclass(frozen=True)

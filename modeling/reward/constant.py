@@ -8,7 +8,7 @@ first K of the N written: the no-reward-model baseline of an experiment.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from .base import LIKERT_MAX, LIKERT_MIN, AgreementQuery
 

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from django.conf import settings
 
-from deliberation.localsite import database_url_in_use
+from simulation.localsite import database_url_in_use
 
 ROOT = Path(settings.BASE_DIR)
 # A process starts in seconds on idle cores; a busy CI machine can be many times slower. The bound

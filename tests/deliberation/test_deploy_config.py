@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+
 # PyYAML is a dependency of transformers and huggingface_hub, so it is always installed with Concord.
 import yaml
 from django.conf import settings
@@ -125,9 +126,9 @@ def test_dependencies_and_volumes_are_declared(compose, services) -> None:
 
 
 def test_commands_are_the_real_entry_points() -> None:
-    import config.asgi
     from celery import Celery
 
+    import config.asgi
     from config.celery import app
 
     assert callable(config.asgi.application)

@@ -250,7 +250,7 @@ class Member:
                 self.socket = await self.session.ws_connect(url, origin=self.base_url.rstrip("/"), timeout=aiohttp.ClientWSTimeout(ws_close=5))
                 self.connects += 1
                 return
-            except (aiohttp.WSServerHandshakeError, aiohttp.ClientConnectionError, asyncio.TimeoutError) as error:
+            except (TimeoutError, aiohttp.WSServerHandshakeError, aiohttp.ClientConnectionError) as error:
                 assert loop.time() + delay < deadline, f"{self.label}: could not reconnect within {timeout:.0f} s ({error!r})"
                 await asyncio.sleep(delay / 2 + random.random() * delay / 2)
                 delay = min(RECONNECT_MAX_DELAY_S, delay * 2)
@@ -278,7 +278,7 @@ class Member:
                 # Not receive(timeout=...): aiohttp starts that timeout again after each ping it
                 # answers, and daphne pings every 20 s, so it would never run out.
                 message = await asyncio.wait_for(self.socket.receive(), timeout=remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 continue  # the assertion above reports it
             if message.type == aiohttp.WSMsgType.TEXT:
                 self.received.append(message.data)
@@ -409,7 +409,7 @@ async def _run_round_through_two_restarts(site: Site) -> None:
     assert await sync_to_async(Candidate.objects.filter(round=round_).count)() == 4
     for member in members:
         stored = await sync_to_async(
-            lambda: sorted(Rating.objects.filter(participant__code=member.code).values_list("candidate_id", "agreement", "quality"))
+            lambda code=member.code: sorted(Rating.objects.filter(participant__code=code).values_list("candidate_id", "agreement", "quality"))
         )()
         acknowledged = sorted((int(path.split("/")[1]), 5, 6) for path, _ in member.acknowledged if path.startswith("rate/"))
         assert len(acknowledged) == 2 and stored == acknowledged, f"{member.label}: stored {stored}, acknowledged {acknowledged}"

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from celery import Task
 
 from deliberation import dispatch, services
 from deliberation.models import Candidate, Participant, PredictedAgreement, Presentation, Room, Round
@@ -152,9 +151,9 @@ def fault_site(transactional_db, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     # named explicitly, since a shared task follows whichever app an earlier test made current.
     from config.celery import app
 
-    def enqueue(task: Task, *, args: list[Any], countdown: float = 0.0) -> bool:
+    def enqueue(name: str, *, args: list[Any], countdown: float = 0.0) -> bool:
         with app.connection_for_write(redis_url) as connection:
-            app.tasks[task.name].apply_async(args=args, countdown=countdown if countdown > 0 else None, connection=connection)
+            dispatch.task_named(name).apply_async(args=args, countdown=countdown if countdown > 0 else None, connection=connection)
         return True
 
     monkeypatch.setattr(dispatch, "enqueue", enqueue)

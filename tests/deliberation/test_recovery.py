@@ -1,6 +1,6 @@
 """Recovery of lost tasks: the broker (Redis) may lose a task, the database says what should happen.
 
-services.rounds_recover re-enqueues a mediation that shows no sign of life, fires phase and
+recovery.rounds_recover re-enqueues a mediation that shows no sign of life, fires phase and
 group-wait deadlines whose timers never came, and does each once however often it runs;
 deliberation.recovery runs it periodically in workers (a thread) and in the embedded server
 (a task of its loop); dispatch.enqueue and the rate limiter keep a broker outage from turning
@@ -19,10 +19,11 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from celery import current_app
 from django.utils import timezone
 
 from deliberation import dispatch, recovery, services
-from deliberation.models import Candidate, Opinion, Participant, Release, Room, Round
+from deliberation.models import MAX_MEDIATION_ATTEMPTS, Candidate, Opinion, Participant, Release, Room, Round
 from deliberation.tasks import mediate_round
 from tests.conftest import OPINIONS
 from tests.factories import ExperimentFactory
@@ -37,8 +38,8 @@ def enqueued(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list[Any]]]:
     """What the services hand to dispatch.enqueue (after commit), instead of a real broker."""
     calls: list[tuple[str, list[Any]]] = []
 
-    def record(task: Any, *, args: list[Any], countdown: float = 0.0) -> bool:
-        calls.append((task.name, list(args)))
+    def record(name: str, *, args: list[Any], countdown: float = 0.0) -> bool:
+        calls.append((str(name), list(args)))
         return True
 
     monkeypatch.setattr(dispatch, "enqueue", record)
@@ -57,40 +58,40 @@ def _mediating_round(group, *, idle_for: timedelta) -> Round:
 def test_a_mediation_whose_task_was_lost_is_enqueued_again_once(group, enqueued, django_capture_on_commit_callbacks) -> None:
     round_ = _mediating_round(group, idle_for=STALL + timedelta(seconds=1))
     with django_capture_on_commit_callbacks(execute=True):
-        report = services.rounds_recover(stalled_after=STALL)
+        report = recovery.rounds_recover(stalled_after=STALL)
     assert report.requeued == [round_.pk] and not report.failed
     assert enqueued == [(mediate_round.name, [round_.pk])]
     round_.refresh_from_db()
     assert round_.phase == Round.Phase.MEDIATING and round_.progress_stage == "queued"
     # The requeue restarts the stall clock: sweeping again (from this or another worker) does nothing.
     with django_capture_on_commit_callbacks(execute=True):
-        assert not services.rounds_recover(stalled_after=STALL)
+        assert not recovery.rounds_recover(stalled_after=STALL)
     assert len(enqueued) == 1
 
 
 def test_a_mediation_that_shows_progress_or_beats_is_left_alone(group, enqueued, django_capture_on_commit_callbacks) -> None:
     round_ = _mediating_round(group, idle_for=STALL - timedelta(seconds=30))
     with django_capture_on_commit_callbacks(execute=True):
-        assert not services.rounds_recover(stalled_after=STALL)
+        assert not recovery.rounds_recover(stalled_after=STALL)
     # A running task beats (recovery.heartbeat), however long its model takes to load.
     Round.objects.filter(pk=round_.pk).update(progress_at=timezone.now() - STALL * 2)
     assert services.mediation_heartbeat(round_id=round_.pk)
     with django_capture_on_commit_callbacks(execute=True):
-        assert not services.rounds_recover(stalled_after=STALL)
+        assert not recovery.rounds_recover(stalled_after=STALL)
     assert enqueued == []
 
 
 def test_a_round_with_its_statements_is_not_mediated_again(group, enqueued) -> None:
     round_ = _mediating_round(group, idle_for=STALL * 2)
     Candidate.objects.create(round=round_, index=0, text="A statement", backend="t", model_id="m", seed=1, prompt="p")
-    assert not services.rounds_recover(stalled_after=STALL)
+    assert not recovery.rounds_recover(stalled_after=STALL)
     assert enqueued == []
 
 
 def test_a_mediation_out_of_attempts_ends_as_failed_instead_of_waiting_forever(group, enqueued) -> None:
     round_ = _mediating_round(group, idle_for=STALL * 2)
-    Round.objects.filter(pk=round_.pk).update(mediation_attempts=services.MAX_MEDIATION_ATTEMPTS)
-    report = services.rounds_recover(stalled_after=STALL)
+    Round.objects.filter(pk=round_.pk).update(mediation_attempts=MAX_MEDIATION_ATTEMPTS)
+    report = recovery.rounds_recover(stalled_after=STALL)
     assert report.failed == [round_.pk] and not report.requeued
     round_.refresh_from_db()
     assert round_.phase == Round.Phase.DONE and round_.outcome == Round.Outcome.FAILED
@@ -103,10 +104,10 @@ def test_an_overdue_phase_deadline_fires_without_its_timer(group, enqueued) -> N
         services.opinion_submit(participant=persona.participant, text=text)
     round_ = Round.objects.get(room=group[0].participant.room)
     # Just past the deadline, the timer still has its grace period to fire by itself.
-    Round.objects.filter(pk=round_.pk).update(phase_deadline=timezone.now() - services.DEADLINE_GRACE / 2)
-    assert not services.rounds_recover(stalled_after=STALL)
-    Round.objects.filter(pk=round_.pk).update(phase_deadline=timezone.now() - services.DEADLINE_GRACE * 2)
-    report = services.rounds_recover(stalled_after=STALL)
+    Round.objects.filter(pk=round_.pk).update(phase_deadline=timezone.now() - recovery.DEADLINE_GRACE / 2)
+    assert not recovery.rounds_recover(stalled_after=STALL)
+    Round.objects.filter(pk=round_.pk).update(phase_deadline=timezone.now() - recovery.DEADLINE_GRACE * 2)
+    report = recovery.rounds_recover(stalled_after=STALL)
     assert report.deadlines == {round_.pk: "mediating"}
     round_.refresh_from_db()
     assert round_.phase == Round.Phase.MEDIATING
@@ -117,12 +118,12 @@ def test_an_overdue_wait_for_a_group_fires_without_its_timer(enqueued) -> None:
     experiment = ExperimentFactory(slug="waiting", group_size=3, max_wait_seconds=60)
     participant = services.participant_join(experiment=experiment, external_id="alone")
     room = participant.room
-    assert not services.rounds_recover(stalled_after=STALL)
-    Room.objects.filter(pk=room.pk).update(created_at=timezone.now() - timedelta(seconds=60) - services.DEADLINE_GRACE * 2)
-    report = services.rounds_recover(stalled_after=STALL)
+    assert not recovery.rounds_recover(stalled_after=STALL)
+    Room.objects.filter(pk=room.pk).update(created_at=timezone.now() - timedelta(seconds=60) - recovery.DEADLINE_GRACE * 2)
+    report = recovery.rounds_recover(stalled_after=STALL)
     assert report.waits == {room.pk: "released"}
     assert Release.objects.filter(participant=participant).exists()
-    assert not services.rounds_recover(stalled_after=STALL)
+    assert not recovery.rounds_recover(stalled_after=STALL)
 
 
 def test_an_enqueue_while_the_broker_is_down_is_logged_not_raised(group, settings, monkeypatch, caplog, django_capture_on_commit_callbacks) -> None:
@@ -133,8 +134,8 @@ def test_an_enqueue_while_the_broker_is_down_is_logged_not_raised(group, setting
     def broker_down(*args: object, **kwargs: object) -> None:
         raise OperationalError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
 
-    monkeypatch.setattr(mediate_round, "apply_async", broker_down)
-    assert dispatch.enqueue(mediate_round, args=[1]) is False
+    monkeypatch.setattr(current_app, "send_task", broker_down)
+    assert dispatch.enqueue(dispatch.TaskName.MEDIATE_ROUND, args=[1]) is False
     # The last opinion commits and starts mediation; the failed enqueue does not undo or hide that.
     for persona, text in zip(group[:2], OPINIONS):
         services.opinion_submit(participant=persona.participant, text=text)
@@ -211,7 +212,7 @@ def test_sweep_once_survives_a_database_error(monkeypatch, caplog) -> None:
     def database_down(**kwargs: object) -> None:
         raise RuntimeError("could not connect to server")
 
-    monkeypatch.setattr(services, "rounds_recover", database_down)
+    monkeypatch.setattr(recovery, "rounds_recover", database_down)
     with caplog.at_level(logging.ERROR, logger="deliberation.recovery"):
         assert recovery.sweep_once() is None
     assert "Recovery sweep failed" in caplog.text

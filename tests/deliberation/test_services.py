@@ -11,6 +11,7 @@ from django.utils import timezone
 from deliberation import services
 from deliberation.models import Candidate, Experiment, Opinion, Participant, Presentation, Rating, Room, Round
 from deliberation.tasks import mediate_round
+from research import services as research_services
 from tests.conftest import OPINIONS
 
 pytestmark = pytest.mark.django_db
@@ -49,7 +50,7 @@ def test_joining_a_full_room_is_refused(group) -> None:
 
 
 def test_joining_a_paused_study_is_refused(experiment: Experiment) -> None:
-    services.experiment_pause(experiment=experiment, paused=True)
+    research_services.experiment_pause(experiment=experiment, paused=True)
     with pytest.raises(services.JoinRefused, match="not accepting"):
         services.participant_join(experiment=experiment)
 
@@ -146,12 +147,14 @@ def test_the_opinion_deadline_with_one_opinion_abandons_the_round(group) -> None
     assert Room.objects.get(pk=round_.room_id).status == Room.Status.CLOSED
 
 
-# --- Mediation, rating, ranking (real default model) ------------------------------
+# --- Mediation, rating, ranking ------------------------------------------------------
+# The rules of rating need candidates, not good ones: the stand-in generator writes them (tests/conftest.py).
+# The first test runs the real default generator through the same task, as a worker would.
 
 
 @pytest.fixture
 def rated_round(group) -> Round:
-    """A round whose candidates were written and ranked by the real default models."""
+    """A round whose candidates were written by the mediation task and ranked by the real reward model."""
     for persona, text in zip(group, OPINIONS):
         services.opinion_submit(participant=persona.participant, text=text)
     round_ = _round(group[0].participant)
@@ -160,6 +163,7 @@ def rated_round(group) -> Round:
     return round_
 
 
+@pytest.mark.real_model
 def test_mediation_stores_candidates_with_provenance_and_opens_rating(group, rated_round: Round) -> None:
     arm = rated_round.room.arm
     assert rated_round.phase == Round.Phase.RATING

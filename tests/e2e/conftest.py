@@ -6,8 +6,8 @@ Run on their own (`make test-e2e`): pytest -p no:asyncio -o addopts="" tests/e2e
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 from playwright.sync_api import Browser, expect, sync_playwright

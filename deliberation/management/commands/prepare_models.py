@@ -7,7 +7,7 @@ import time
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from deliberation.tasks import load_models
+from deliberation.mediator import load_models
 
 
 class Command(BaseCommand):

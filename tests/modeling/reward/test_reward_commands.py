@@ -108,7 +108,7 @@ def test_train_from_jsonl_registers_a_version_and_evaluate_reports_baselines(tmp
 
 def test_train_from_the_database(tmp_path):
     experiment = ExperimentFactory()
-    for group in range(3):
+    for _group in range(3):
         room = RoomFactory(experiment=experiment, question=QuestionFactory(text="Should we raise taxes on the rich?"))
         round_ = room.rounds.get(index=0)
         candidates = [

@@ -1,0 +1,171 @@
+"""A round's phases: opening, opinions, deadlines and timers, dropouts and the end of a round.
+
+Only these functions (and mediation's and rating's, through them) move a round between phases,
+each under the round's row lock, so two requests cannot both advance it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import timedelta
+
+from django.db import transaction
+from django.utils import timezone
+
+from .. import dispatch, events
+from ..dispatch import TaskName
+from ..models import MIN_OPINIONS_FOR_MEDIATION, Opinion, Participant, Release, Room, Round
+from .errors import InvalidInput, WrongPhase
+
+
+def round_phase_set(*, round_: Round, phase: str, deadline_seconds: int | None) -> None:
+    now = timezone.now()
+    round_.phase = phase
+    round_.phase_deadline = now + timedelta(seconds=deadline_seconds) if deadline_seconds else None
+    round_.save()
+    events.send_on_commit(events.PhaseChanged(room_id=round_.room_id, round_id=round_.pk, phase=phase))
+    if deadline_seconds:
+        _round_deadline_schedule(round_id=round_.pk, phase=phase, seconds=deadline_seconds)
+
+
+def _round_deadline_schedule(*, round_id: int, phase: str, seconds: float) -> None:
+    # A little slack, so the task never fires before the deadline it checks.
+    transaction.on_commit(lambda: dispatch.enqueue(TaskName.ROUND_DEADLINE, args=[round_id, phase], countdown=seconds + 0.5))
+
+
+def room_wait_deadline_schedule(*, room_id: int, seconds: float) -> None:
+    transaction.on_commit(lambda: dispatch.enqueue(TaskName.ROOM_WAIT_DEADLINE, args=[room_id], countdown=seconds + 0.5))
+
+
+def room_wait_deadline_fire(*, room_id: int) -> str:
+    """The maximum wait for a forming group ran out: start with fewer people, or release them with a code.
+
+    Checked against the database, so a late, early or duplicate timer does nothing.
+    """
+    with transaction.atomic():
+        room = Room.objects.select_for_update().select_related("experiment").get(pk=room_id)
+        experiment = room.experiment
+        round_ = Round.objects.select_for_update().current(room_id=room.pk)
+        if room.status != Room.Status.OPEN or round_.phase != Round.Phase.WAITING:
+            return "stale"
+        waited = (timezone.now() - room.created_at).total_seconds()
+        if not experiment.max_wait_seconds or waited < experiment.max_wait_seconds:
+            return "early"
+        members = list(room.participants.order_by("id"))
+        if len(members) >= experiment.min_group_size and round_.can_be_mediated(len(members)):
+            round_open_opinions(round_=round_)
+            return "started"
+        for participant in members:
+            Release.objects.create(participant=participant, code=participant.release_code(), waited_seconds=waited)
+        round_finish(round_=round_, outcome=Round.Outcome.ABANDONED)
+        return "released"
+
+
+def round_open_opinions(*, round_: Round) -> None:
+    if round_.phase != Round.Phase.WAITING:
+        return
+    room = Room.objects.select_for_update().get(pk=round_.room_id)
+    room.status = Room.Status.RUNNING
+    room.started_at = timezone.now()
+    room.save(update_fields=["status", "started_at"])
+    round_.opinions_started_at = timezone.now()
+    round_phase_set(round_=round_, phase=Round.Phase.OPINIONS, deadline_seconds=room.experiment.opinion_seconds)
+
+
+def round_start(*, room: Room) -> Round:
+    """Start the opinion phase before the group is full (a researcher's decision)."""
+    with transaction.atomic():
+        round_ = Round.objects.select_for_update().current(room_id=room.pk)
+        if round_.phase != Round.Phase.WAITING:
+            raise WrongPhase("This round has already started.")
+        joined = room.participants.count()
+        if not round_.can_be_mediated(joined):
+            raise InvalidInput(f"At least {MIN_OPINIONS_FOR_MEDIATION} participants must join first ({joined} so far).")
+        round_open_opinions(round_=round_)
+    return round_
+
+
+def _begin_mediation(*, round_: Round) -> None:
+    round_.mediation_started_at = round_.progress_at = timezone.now()
+    round_.progress_stage = Round.Stage.QUEUED
+    round_.progress_done = 0
+    round_.progress_total = sum(arm.n_candidates for arm in round_.room.arm.mediation_arms())
+    round_phase_set(round_=round_, phase=Round.Phase.MEDIATING, deadline_seconds=None)
+    round_id = round_.pk
+    transaction.on_commit(lambda: dispatch.enqueue(TaskName.MEDIATE_ROUND, args=[round_id]))
+
+
+def _drop_out(*, participants: Sequence[Participant], reason: str) -> None:
+    now = timezone.now()
+    for participant in participants:
+        participant.dropped_out_at = now
+        participant.dropout_reason = reason
+        participant.save(update_fields=["dropped_out_at", "dropout_reason"])
+
+
+def opinion_save_draft(*, participant: Participant, text: str) -> None:
+    """Keep what a participant has typed, so a reload or a lost connection loses nothing."""
+    limit = participant.room.experiment.opinion_max_chars
+    Participant.objects.filter(pk=participant.pk).update(opinion_draft=text[: limit * 2])
+
+
+def opinion_submit(*, participant: Participant, text: str) -> Opinion:
+    text = text.strip()
+    experiment = participant.room.experiment
+    if len(text) < experiment.opinion_min_chars:
+        raise InvalidInput(f"Please write at least {experiment.opinion_min_chars} characters.")
+    if len(text) > experiment.opinion_max_chars:
+        raise InvalidInput(
+            f"Please keep your opinion under {experiment.opinion_max_chars} characters (it has {len(text)})."
+        )
+    with transaction.atomic():
+        round_ = Round.objects.select_for_update().select_related("room__arm").current(room_id=participant.room_id)
+        existing = Opinion.objects.filter(round=round_, participant=participant).first()
+        if existing is not None:
+            return existing  # A double submit or a second tab: one opinion, the first.
+        if not round_.accepts_opinions():
+            raise WrongPhase("Opinions can no longer be submitted in this round.")
+        if participant.has_left:
+            raise WrongPhase("You were marked as having left this discussion.")
+        opinion = Opinion.objects.create(round=round_, participant=participant, text=text)
+        Participant.objects.filter(pk=participant.pk).update(opinion_draft="")
+        events.send_on_commit(
+            events.OpinionSubmitted(room_id=round_.room_id, round_id=round_.pk, participant_id=participant.pk)
+        )
+        if round_.all_opinions_in():
+            _begin_mediation(round_=round_)
+    return opinion
+
+
+def round_deadline_fire(*, round_id: int, phase: str) -> str:
+    """A phase timer fired. Checked against the database, so a late or duplicate timer does nothing."""
+    with transaction.atomic():
+        round_ = Round.objects.select_for_update().select_related("room__experiment", "room__arm").get(pk=round_id)
+        if round_.phase != phase:
+            return "stale"
+        if round_.deadline_pending(timezone.now()):
+            return "early"
+        if phase == Round.Phase.OPINIONS:
+            writers = set(round_.opinions.values_list("participant_id", flat=True))
+            silent = [p for p in round_.active_participants() if p.pk not in writers]
+            if round_.can_be_mediated(len(writers)):
+                _drop_out(participants=silent, reason="no opinion before the deadline")
+                _begin_mediation(round_=round_)
+                return "mediating"
+            _drop_out(participants=silent, reason="no opinion before the deadline")
+            round_finish(round_=round_, outcome=Round.Outcome.ABANDONED)
+            return "abandoned"
+        if phase == Round.Phase.RATING:
+            unfinished = [p for p in round_.active_participants() if p.finished_at is None and p.pk in round_.rater_ids()]
+            _drop_out(participants=unfinished, reason="did not finish rating before the deadline")
+            round_finish(round_=round_, outcome=Round.Outcome.COMPLETED)
+            return "done"
+    return "ignored"
+
+
+def round_finish(*, round_: Round, outcome: str) -> None:
+    round_.outcome = outcome
+    round_.finished_at = timezone.now()
+    round_phase_set(round_=round_, phase=Round.Phase.DONE, deadline_seconds=None)
+    Room.objects.filter(pk=round_.room_id).update(status=Room.Status.CLOSED, closed_at=timezone.now())
+

@@ -1,0 +1,145 @@
+"""The admin of experiments (with their arms and allow-lists), the question bank, model versions and exports."""
+
+import re
+
+from django import forms
+from django.contrib import admin, messages
+from django.urls import reverse
+from django.utils.html import format_html
+
+from accounts.permissions import OwnedByResearcherAdmin
+from deliberation.models import AllowedExternalId, Arm, Experiment, Question, RewardModelVersion
+
+from . import services
+from .models import DatasetExport
+
+
+@admin.register(Question)
+class QuestionAdmin(admin.ModelAdmin):
+    list_display = ["external_id", "text", "topic", "split"]
+    list_filter = ["split", "topic"]
+    search_fields = ["external_id", "text", "topic"]
+
+
+class ArmInline(admin.TabularInline):
+    model = Arm
+    extra = 0
+
+
+class AllowListInline(admin.TabularInline):
+    model = AllowedExternalId
+    extra = 0
+    fields = ["external_id", "created_at"]
+    readonly_fields = ["created_at"]
+
+
+def _export_action(fmt: str):
+    def action(modeladmin, request, queryset):
+        for experiment in queryset:
+            try:
+                export = services.dataset_export_request(experiment=experiment, requested_by=request.user, via="admin", format=fmt)
+            except services.ServiceError as error:
+                modeladmin.message_user(request, f"{experiment.slug}: {error}", messages.ERROR)
+                continue
+            url = reverse("exports_page", kwargs={"slug": experiment.slug})
+            modeladmin.message_user(request, format_html('Export {} of {} is being written: <a href="{}">follow it here</a>.', export.pk, experiment.slug, url))
+
+    action.__name__ = f"export_dataset_{fmt}"
+    action.short_description = f"Export dataset ({fmt}, pseudonymised)"
+    return action
+
+
+class ExperimentAdminForm(forms.ModelForm):
+    add_allowed_external_ids = forms.CharField(
+        required=False,
+        widget=forms.Textarea(attrs={"rows": 4}),
+        help_text="Paste external ids (e.g. Prolific PIDs) to add to the allow-list, one per line or separated by commas.",
+    )
+
+    class Meta:
+        model = Experiment
+        fields = "__all__"  # noqa: DJ007 - the admin's fieldsets choose what is shown
+
+
+@admin.register(Experiment)
+class ExperimentAdmin(OwnedByResearcherAdmin):
+    form = ExperimentAdminForm
+    experiment_path = "pk"
+    list_display = ["name", "slug", "status", "group_size", "owner", "created_at", "researcher_links"]
+    list_filter = ["status"]
+    search_fields = ["name", "slug"]
+    prepopulated_fields = {"slug": ["name"]}
+    filter_horizontal = ["questions"]
+    inlines = [ArmInline, AllowListInline]
+    actions = [_export_action("csv"), _export_action("jsonl"), _export_action("parquet"), "pause", "resume"]
+    fieldsets = [
+        (None, {"fields": ["name", "slug", "owner", "status", "description", "consent_text"]}),
+        ("Groups and timers", {"fields": ["group_size", "min_group_size", "max_wait_seconds", "opinion_seconds", "rating_seconds", "opinion_min_chars", "opinion_max_chars"]}),
+        ("Questions", {"fields": ["questions", "question_split", "question_topic"], "description": "Attach questions, or leave none attached and draw from the whole bank by split and topic."}),
+        ("Protocols", {"fields": ["rate_opinions", "attention_check", "assignment_seed"]}),
+        ("Participants", {"fields": ["require_allow_list", "add_allowed_external_ids", "completion_code", "completion_url", "release_code"]}),
+    ]
+
+    def save_related(self, request, form, formsets, change) -> None:
+        super().save_related(request, form, formsets, change)
+        pasted = form.cleaned_data.get("add_allowed_external_ids") or ""
+        added = services.allow_list_add(experiment=form.instance, external_ids=re.split(r"[\s,;]+", pasted))
+        if added:
+            self.message_user(request, f"Added {added} external ids to the allow-list.")
+
+    @admin.display(description="Researcher pages")
+    def researcher_links(self, experiment: Experiment) -> str:
+        return format_html(
+            '<a href="{}">cohort</a> · <a href="{}">analytics</a> · <a href="{}">exports</a>',
+            reverse("cohort_monitor", kwargs={"slug": experiment.slug}),
+            reverse("analytics", kwargs={"slug": experiment.slug}),
+            reverse("exports_page", kwargs={"slug": experiment.slug}),
+        )
+
+    @admin.action(description="Pause (nobody new can join)")
+    def pause(self, request, queryset):
+        for experiment in queryset:
+            services.experiment_pause(experiment=experiment, paused=True)
+
+    @admin.action(description="Resume")
+    def resume(self, request, queryset):
+        for experiment in queryset:
+            services.experiment_pause(experiment=experiment, paused=False)
+
+    def get_queryset(self, request):
+        queryset = admin.ModelAdmin.get_queryset(self, request)
+        return queryset if request.user.is_superuser else queryset.filter(owner=request.user)
+
+
+@admin.register(Arm)
+class ArmAdmin(OwnedByResearcherAdmin):
+    list_display = ["name", "experiment", "welfare_method", "welfare_alpha", "welfare_tie_break", "n_candidates", "k_shown", "reward_model", "weight", "compare_with", "exclude_one_opinion"]
+
+
+@admin.register(RewardModelVersion)
+class RewardModelVersionAdmin(admin.ModelAdmin):
+    list_display = ["id", "kind", "base_model", "dataset_sha256", "created_at"]
+
+
+@admin.register(DatasetExport)
+class DatasetExportAdmin(OwnedByResearcherAdmin):
+    """The export audit log: read-only, so nobody can rewrite who exported what."""
+
+    list_display = ["id", "experiment", "requested_by", "requested_via", "format", "include_external_ids", "status", "created_at", "download"]
+    list_filter = ["status", "format", "include_external_ids"]
+    readonly_fields = [f.name for f in DatasetExport._meta.fields]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+    @admin.display(description="File")
+    def download(self, export: DatasetExport) -> str:
+        if export.status != DatasetExport.Status.DONE:
+            return "–"
+        return format_html('<a href="{}">zip</a>', reverse("export_download", kwargs={"export_id": export.pk}))

@@ -1,0 +1,852 @@
+"""Dataset exports: every table of an experiment, streamed to CSV, JSON lines or Parquet, in one zip.
+
+Each table is declared once (`TABLES`): its columns, with their types and descriptions, and a
+generator of its rows. The same declaration writes the rows, the README.md data dictionary and the
+Frictionless `datapackage.json`, so a column cannot be exported without being documented.
+
+Rows are read with `QuerySet.iterator(chunk_size=...)` and written as they come: memory stays flat
+however large the study. Files are written in a scratch folder and the zip is moved into place only
+when complete, so a crashed or redelivered export never leaves a partial zip behind.
+
+Participants are pseudonymised: every participant id in every table is a keyed hash of the
+experiment and the database id (stable across exports of one experiment, meaningless outside it).
+External ids (e.g. Prolific PIDs) appear only when the export asked for them.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import hmac
+import json
+import logging
+import os
+import shutil
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.db.models import Count, Q, QuerySet
+from django.utils import timezone
+
+from deliberation.models import (
+    Arm,
+    AttentionCheck,
+    Candidate,
+    Experiment,
+    Opinion,
+    OpinionRating,
+    PageView,
+    PairwisePreference,
+    Participant,
+    PredictedAgreement,
+    Presentation,
+    Question,
+    Ranking,
+    Rating,
+    Release,
+    RoomAssignment,
+    Round,
+)
+from modeling.likert import AGREEMENT_SCALE_TEXT
+
+from . import services
+from .models import DatasetExport
+
+logger = logging.getLogger(__name__)
+
+CHUNK_SIZE = 2000
+HM_CREDIT = (
+    "Questions from the Habermas Machine question bank (google-deepmind/habermas_machine), "
+    "© 2024 DeepMind Technologies Limited, licensed CC-BY-4.0 (https://creativecommons.org/licenses/by/4.0/)."
+)
+
+ProgressCallback = Callable[[str, int, int], None]  # (table, rows done overall, rows in total)
+
+
+# --- Declarations -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: str  # a Frictionless field type: integer, number, string, boolean, datetime
+    description: str
+
+
+@dataclass
+class ExportContext:
+    experiment: Experiment
+    include_external_ids: bool
+    chunk_size: int = CHUNK_SIZE
+    _key: bytes = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._key = hashlib.sha256(f"{settings.SECRET_KEY}:export:{self.experiment.pk}".encode()).digest()
+
+    def pseudonym(self, participant_id: int | None) -> str | None:
+        """A participant's id in the dataset: a keyed hash, stable within this experiment."""
+        if participant_id is None:
+            return None
+        return "p" + hmac.new(self._key, str(participant_id).encode(), hashlib.sha256).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str
+    description: str
+    columns: Callable[[ExportContext], Sequence[Column]]
+    rows: Callable[[ExportContext], Iterator[tuple[Any, ...]]]
+    count: Callable[[ExportContext], int]
+
+
+def _iterate(queryset: QuerySet, ctx: ExportContext, *fields: str) -> Iterator[tuple[Any, ...]]:
+    return queryset.values_list(*fields).iterator(chunk_size=ctx.chunk_size)
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+P = "Pseudonymous participant id (a keyed hash, stable within this experiment; see participants.participant_id)."
+
+
+# questions -------------------------------------------------------------------------------------
+
+
+def _questions(ctx: ExportContext) -> QuerySet[Question]:
+    e = ctx.experiment
+    return Question.objects.filter(Q(experiments=e) | Q(rooms__experiment=e)).distinct().order_by("id")
+
+
+QUESTIONS = Table(
+    name="questions",
+    description="Questions the experiment could draw or did use (attached to it, or discussed in one of its groups).",
+    columns=lambda ctx: [
+        Column("question_id", "string", "Question id in its bank (the Habermas Machine bank id, e.g. S173963710)."),
+        Column("text", "string", "The question as shown to participants."),
+        Column("affirming_statement", "string", "A statement answering the question in the affirmative."),
+        Column("negating_statement", "string", "A statement answering the question in the negative."),
+        Column("topic", "string", "Topic of the question in its bank."),
+        Column("split", "string", "Split of the question in its bank: train, iid_test or ood_test for the Habermas Machine bank."),
+        Column("source", "string", "Where the question came from (bank and licence)."),
+    ],
+    rows=lambda ctx: _iterate(_questions(ctx), ctx, "external_id", "text", "affirming_statement", "negating_statement", "topic", "split", "source"),
+    count=lambda ctx: _questions(ctx).count(),
+)
+
+
+# arms and groups ------------------------------------------------------------------------------
+
+
+ARMS = Table(
+    name="arms",
+    description="Conditions of the experiment: which generator, reward model and welfare function wrote and chose statements.",
+    columns=lambda ctx: [
+        Column("arm_id", "integer", "Arm id."),
+        Column("name", "string", "Arm name chosen by the researcher."),
+        Column("generator_backend", "string", "Generator backend (blank: the site default at the time; candidates.backend records what ran)."),
+        Column("generator_model", "string", "Generator model (blank: the site default; candidates.model_id records what ran)."),
+        Column("reward_model", "string", "Reward model registry name (blank: the site default; predicted_agreement.reward_model records what ran)."),
+        Column("reward_model_version_id", "integer", "Registered reward model version, if pinned."),
+        Column("welfare_method", "string", "Welfare function ranking the candidates: utilitarian, rawlsian, nash, isoelastic, borda or schulze."),
+        Column("welfare_alpha", "number", "Inequality aversion α of the isoelastic welfare function."),
+        Column("welfare_tie_break", "string", "How exact welfare ties were broken: index (lower index first), random or tbrc, both seeded by the round's seed."),
+        Column("n_candidates", "integer", "N: candidate statements written per round."),
+        Column("k_shown", "integer", "K: statements shown to each participant."),
+        Column("weight", "integer", "Relative share of groups assigned to the arm (0: never assigned; used only as a head-to-head opponent)."),
+        Column("compare_with_arm_id", "integer", "Head-to-head protocol: the arm whose configuration also writes statements in this arm's rounds."),
+        Column("exclude_one_opinion", "boolean", "Exclusion protocol: one member's opinion is silently left out of generation and ranking."),
+    ],
+    rows=lambda ctx: _iterate(
+        Arm.objects.filter(experiment=ctx.experiment).order_by("id"), ctx,
+        "id", "name", "generator_backend", "generator_model", "reward_model", "reward_model_version_id", "welfare_method",
+        "welfare_alpha", "welfare_tie_break", "n_candidates", "k_shown", "weight", "compare_with_id", "exclude_one_opinion",
+    ),
+    count=lambda ctx: Arm.objects.filter(experiment=ctx.experiment).count(),
+)
+
+
+def _rounds(ctx: ExportContext) -> QuerySet[Round]:
+    return Round.objects.filter(room__experiment=ctx.experiment).order_by("room_id", "index")
+
+
+def _group_rows(ctx: ExportContext) -> Iterator[tuple[Any, ...]]:
+    assignments = {
+        a.room_id: a for a in RoomAssignment.objects.filter(room__experiment=ctx.experiment).iterator(chunk_size=ctx.chunk_size)
+    }
+    queryset = _rounds(ctx).annotate(members=Count("room__participants"))
+    for row in _iterate(
+        queryset, ctx,
+        "room_id", "pk", "index", "room__arm_id", "room__question__external_id", "room__status", "room__capacity", "members",
+        "room__created_at", "room__started_at", "room__closed_at", "phase", "outcome", "seed", "excluded_participant_id",
+        "opinions_started_at", "mediation_started_at", "rating_started_at", "finished_at", "mediation_attempts",
+    ):
+        assignment = assignments.get(row[0])
+        yield (
+            *row[:14],
+            ctx.pseudonym(row[14]),
+            *row[15:],
+            assignment.method if assignment else None,
+            assignment.seed if assignment else None,
+            assignment.ordinal if assignment else None,
+            _json(assignment.tied_arm_ids) if assignment else None,
+        )
+
+
+GROUPS = Table(
+    name="groups",
+    description="One row per round of each group (room), with its arm, question, phase timestamps and arm assignment.",
+    columns=lambda ctx: [
+        Column("group_id", "integer", "Group (room) id."),
+        Column("round_id", "integer", "Round id."),
+        Column("round_index", "integer", "Round number within the group (0: the opinion round)."),
+        Column("arm_id", "integer", "Arm the group was assigned to (see arms)."),
+        Column("question_id", "string", "Question discussed (see questions)."),
+        Column("room_status", "string", "open, running or closed."),
+        Column("capacity", "integer", "Group size the room was formed for."),
+        Column("n_participants", "integer", "Participants who joined the group (may be below capacity after the maximum wait)."),
+        Column("created_at", "datetime", "When the room opened (first arrival), UTC."),
+        Column("started_at", "datetime", "When the discussion started (group full, maximum wait, or a researcher's start), UTC."),
+        Column("closed_at", "datetime", "When the room closed, UTC."),
+        Column("phase", "string", "Phase of the round at export: waiting, opinions, mediating, rating or done."),
+        Column("outcome", "string", "completed, abandoned (too few opinions, or released after the maximum wait), failed (mediation failed), or blank (still running)."),
+        Column("seed", "integer", "Round seed: generation seeds and per-participant presentation orders derive from it."),
+        Column("excluded_participant_id", "string", "Exclusion protocol: whose opinion was left out of generation and ranking. " + P),
+        Column("opinions_started_at", "datetime", "Start of the opinion phase, UTC."),
+        Column("mediation_started_at", "datetime", "Start of mediation (generation and ranking), UTC."),
+        Column("rating_started_at", "datetime", "Start of the rating phase (statements shown), UTC."),
+        Column("finished_at", "datetime", "End of the round, UTC."),
+        Column("mediation_attempts", "integer", "Mediation attempts (more than 1: retried after an error)."),
+        Column("assignment_method", "string", "balanced: drawn by the balanced seeded assignment; given: chosen by a researcher."),
+        Column("assignment_seed", "integer", "Experiment seed the arm draw used."),
+        Column("assignment_ordinal", "integer", "Rooms of the experiment created before this one (the draw's index)."),
+        Column("assignment_tied_arm_ids", "string", "JSON array: arms tied for the fewest (weighted) rooms, among which the seeded draw chose."),
+    ],
+    rows=_group_rows,
+    count=lambda ctx: _rounds(ctx).count(),
+)
+
+
+# participants ------------------------------------------------------------------------------------
+
+
+def _participants(ctx: ExportContext) -> QuerySet[Participant]:
+    return Participant.objects.filter(room__experiment=ctx.experiment).order_by("id")
+
+
+def _participant_columns(ctx: ExportContext) -> list[Column]:
+    columns = [
+        Column("participant_id", "string", P),
+        Column("group_id", "integer", "Group (room) the participant joined."),
+        Column("label", "string", "Anonymous name other members saw (e.g. Participant A)."),
+    ]
+    if ctx.include_external_ids:
+        columns.append(Column("external_id", "string", "External id from the recruitment panel (e.g. Prolific PID). Personal data: exported only on request."))
+    return columns + [
+        Column("joined_at", "datetime", "When the participant joined (after consenting), UTC."),
+        Column("consented_at", "datetime", "When consent was given, UTC."),
+        Column("finished_at", "datetime", "When the participant submitted the final ranking, UTC."),
+        Column("dropped_out_at", "datetime", "When the participant was recorded as having dropped out (a phase deadline passed), UTC."),
+        Column("dropout_reason", "string", "Why the participant was recorded as dropped out."),
+        Column("released_at", "datetime", "When the participant was released without a group after the maximum wait, UTC."),
+        Column("attention_check_passed", "boolean", "Result of the attention check (blank: none asked or not answered)."),
+        Column("excluded_from_generation", "boolean", "Exclusion protocol: this participant's opinion was left out of generation and ranking."),
+    ]
+
+
+def _participant_rows(ctx: ExportContext) -> Iterator[tuple[Any, ...]]:
+    experiment = ctx.experiment
+    released = dict(Release.objects.filter(participant__room__experiment=experiment).values_list("participant_id", "created_at"))
+    attention = dict(AttentionCheck.objects.filter(participant__room__experiment=experiment).values_list("participant_id", "passed"))
+    excluded = set(Round.objects.filter(room__experiment=experiment).exclude(excluded_participant=None).values_list("excluded_participant_id", flat=True))
+    for pk, room_id, label, external_id, joined, consented, finished, dropped, reason in _iterate(
+        _participants(ctx), ctx, "pk", "room_id", "label", "external_id", "joined_at", "consented_at", "finished_at",
+        "dropped_out_at", "dropout_reason",
+    ):
+        head: tuple[Any, ...] = (ctx.pseudonym(pk), room_id, label)
+        if ctx.include_external_ids:
+            head += (external_id,)
+        yield (*head, joined, consented, finished, dropped, reason, released.get(pk), attention.get(pk), pk in excluded)
+
+
+PARTICIPANTS = Table(
+    name="participants",
+    description="Everyone who joined a group. Pseudonymised: no external ids unless the export asked for them.",
+    columns=_participant_columns,
+    rows=_participant_rows,
+    count=lambda ctx: _participants(ctx).count(),
+)
+
+
+# opinions and candidates ------------------------------------------------------------------------------
+
+
+def _opinions(ctx: ExportContext) -> QuerySet[Opinion]:
+    return Opinion.objects.filter(round__room__experiment=ctx.experiment).order_by("id")
+
+
+def _opinion_rows(ctx: ExportContext) -> Iterator[tuple[Any, ...]]:
+    for pk, round_id, participant_id, text, created_at, excluded_id in _iterate(
+        _opinions(ctx), ctx, "pk", "round_id", "participant_id", "text", "created_at", "round__excluded_participant_id"
+    ):
+        yield pk, round_id, ctx.pseudonym(participant_id), text, created_at, participant_id == excluded_id
+
+
+OPINIONS = Table(
+    name="opinions",
+    description="Opinions participants wrote on the question.",
+    columns=lambda ctx: [
+        Column("opinion_id", "integer", "Opinion id."),
+        Column("round_id", "integer", "Round (see groups)."),
+        Column("participant_id", "string", "Author. " + P),
+        Column("text", "string", "The opinion as submitted."),
+        Column("created_at", "datetime", "When it was submitted, UTC."),
+        Column("excluded_from_generation", "boolean", "Exclusion protocol: this opinion was left out of generation and ranking."),
+    ],
+    rows=_opinion_rows,
+    count=lambda ctx: _opinions(ctx).count(),
+)
+
+
+def _candidates(ctx: ExportContext) -> QuerySet[Candidate]:
+    return Candidate.objects.filter(round__room__experiment=ctx.experiment).order_by("round_id", "index")
+
+
+def _candidate_rows(ctx: ExportContext) -> Iterator[tuple[Any, ...]]:
+    for row in _iterate(
+        _candidates(ctx), ctx,
+        "pk", "round_id", "index", "source_arm_id", "text", "backend", "model_id", "model_revision", "seed", "opinion_order",
+        "prompt", "prompt_tokens", "completion_tokens", "latency_ms", "welfare", "welfare_method", "rank", "shown", "created_at",
+    ):
+        yield (*row[:9], _json([ctx.pseudonym(pid) for pid in row[9]]), *row[10:])
+
+
+CANDIDATES = Table(
+    name="candidates",
+    description="Every candidate statement the mediator wrote, with its provenance and its welfare rank.",
+    columns=lambda ctx: [
+        Column("candidate_id", "integer", "Candidate id."),
+        Column("round_id", "integer", "Round (see groups)."),
+        Column("index", "integer", "Order of generation within the round (head-to-head: the room arm's candidates first)."),
+        Column("source_arm_id", "integer", "Arm whose configuration wrote and ranked it (head-to-head rounds have two)."),
+        Column("text", "string", "The statement."),
+        Column("backend", "string", "Generator backend that wrote it."),
+        Column("model_id", "string", "Generator model that wrote it."),
+        Column("model_revision", "string", "Revision or sha256 of the generator weights."),
+        Column("seed", "integer", "Sampling seed of this candidate."),
+        Column("opinion_order", "string", "JSON array of participant ids, in the order their opinions appeared in the prompt. " + P),
+        Column("prompt", "string", "The full prompt given to the generator."),
+        Column("prompt_tokens", "integer", "Prompt length in tokens."),
+        Column("completion_tokens", "integer", "Statement length in tokens."),
+        Column("latency_ms", "number", "Generation time of this candidate in milliseconds."),
+        Column("welfare", "number", "Welfare of the candidate under its source arm's welfare function, from predicted agreement."),
+        Column("welfare_method", "string", "Welfare function that scored it."),
+        Column("rank", "integer", "Rank under that welfare function within its source arm (1: best)."),
+        Column("shown", "boolean", "Whether it was among the statements shown to participants."),
+        Column("created_at", "datetime", "When it was stored, UTC."),
+    ],
+    rows=_candidate_rows,
+    count=lambda ctx: _candidates(ctx).count(),
+)
+
+
+def _predictions(ctx: ExportContext) -> QuerySet[PredictedAgreement]:
+    return PredictedAgreement.objects.filter(candidate__round__room__experiment=ctx.experiment).order_by("id")
+
+
+PREDICTED = Table(
+    name="predicted_agreement",
+    description="The reward model's predicted agreement of each participant with each candidate (the excluded member of an exclusion round has none).",
+    columns=lambda ctx: [
+        Column("candidate_id", "integer", "Candidate (see candidates)."),
+        Column("participant_id", "string", P),
+        Column("score", "number", "Predicted agreement on the 1–7 scale."),
+        Column("reward_model", "string", "Reward model registry name."),
+        Column("reward_model_version", "string", "Reward model version (weights) that predicted it."),
+    ],
+    rows=lambda ctx: (
+        (c, ctx.pseudonym(p), s, m, v)
+        for c, p, s, m, v in _iterate(_predictions(ctx), ctx, "candidate_id", "participant_id", "score", "reward_model", "reward_model_version")
+    ),
+    count=lambda ctx: _predictions(ctx).count(),
+)
+
+
+def _presentations(ctx: ExportContext) -> QuerySet[Presentation]:
+    return Presentation.objects.filter(participant__room__experiment=ctx.experiment).order_by("participant_id", "position")
+
+
+PRESENTATIONS = Table(
+    name="presentations",
+    description="Which statements each participant was shown, in the order they saw them (randomised per participant).",
+    columns=lambda ctx: [
+        Column("participant_id", "string", P),
+        Column("candidate_id", "integer", "Candidate shown (see candidates)."),
+        Column("position", "integer", "Position on the participant's page (1: first)."),
+    ],
+    rows=lambda ctx: ((ctx.pseudonym(p), c, pos + 1) for p, c, pos in _iterate(_presentations(ctx), ctx, "participant_id", "candidate_id", "position")),
+    count=lambda ctx: _presentations(ctx).count(),
+)
+
+
+# ratings -------------------------------------------------------------------------------------------------
+
+
+def _ratings(ctx: ExportContext) -> QuerySet[Rating]:
+    return Rating.objects.filter(participant__room__experiment=ctx.experiment).order_by("id")
+
+
+LIKERT_AGREEMENT = AGREEMENT_SCALE_TEXT
+
+AGREEMENT = Table(
+    name="agreement_ratings",
+    description="Each participant's agreement with each statement shown to them.",
+    columns=lambda ctx: [
+        Column("rating_id", "integer", "Rating id (shared with quality_ratings: one form gave both)."),
+        Column("participant_id", "string", P),
+        Column("candidate_id", "integer", "Statement rated (see candidates)."),
+        Column("agreement", "integer", LIKERT_AGREEMENT),
+        Column("created_at", "datetime", "When the rating was first given, UTC."),
+    ],
+    rows=lambda ctx: (
+        (r, ctx.pseudonym(p), c, a, t) for r, p, c, a, t in _iterate(_ratings(ctx), ctx, "pk", "participant_id", "candidate_id", "agreement", "created_at")
+    ),
+    count=lambda ctx: _ratings(ctx).count(),
+)
+
+QUALITY = Table(
+    name="quality_ratings",
+    description="Each participant's rating of each shown statement's quality as a summary the whole group could endorse.",
+    columns=lambda ctx: [
+        Column("rating_id", "integer", "Rating id (shared with agreement_ratings)."),
+        Column("participant_id", "string", P),
+        Column("candidate_id", "integer", "Statement rated (see candidates)."),
+        Column("quality", "integer", "7-point quality: 1 very poor … 7 excellent."),
+        Column("created_at", "datetime", "When the rating was first given, UTC."),
+    ],
+    rows=lambda ctx: (
+        (r, ctx.pseudonym(p), c, q, t) for r, p, c, q, t in _iterate(_ratings(ctx), ctx, "pk", "participant_id", "candidate_id", "quality", "created_at")
+    ),
+    count=lambda ctx: _ratings(ctx).count(),
+)
+
+
+def _opinion_ratings(ctx: ExportContext) -> QuerySet[OpinionRating]:
+    return OpinionRating.objects.filter(participant__room__experiment=ctx.experiment).order_by("id")
+
+
+OPINION_RATINGS = Table(
+    name="opinion_ratings",
+    description="Best-human-opinion protocol: each participant's agreement with the other members' anonymised opinions.",
+    columns=lambda ctx: [
+        Column("participant_id", "string", "Rater. " + P),
+        Column("opinion_id", "integer", "Opinion rated (see opinions)."),
+        Column("agreement", "integer", LIKERT_AGREEMENT),
+        Column("created_at", "datetime", "When it was first given, UTC."),
+    ],
+    rows=lambda ctx: ((ctx.pseudonym(p), o, a, t) for p, o, a, t in _iterate(_opinion_ratings(ctx), ctx, "participant_id", "opinion_id", "agreement", "created_at")),
+    count=lambda ctx: _opinion_ratings(ctx).count(),
+)
+
+
+def _rankings(ctx: ExportContext) -> QuerySet[Ranking]:
+    return Ranking.objects.filter(participant__room__experiment=ctx.experiment).order_by("id")
+
+
+def _ranking_rows(ctx: ExportContext) -> Iterator[tuple[Any, ...]]:
+    for participant_id, round_id, order, created_at in _iterate(_rankings(ctx), ctx, "participant_id", "round_id", "order", "created_at"):
+        for position, candidate_id in enumerate(order, start=1):
+            yield ctx.pseudonym(participant_id), round_id, candidate_id, position, created_at
+
+
+def _ranking_count(ctx: ExportContext) -> int:
+    return sum(len(order) for order in _rankings(ctx).values_list("order", flat=True).iterator(chunk_size=ctx.chunk_size))
+
+
+RANKINGS = Table(
+    name="rankings",
+    description="Each participant's final ranking of the statements shown to them, one row per ranked statement.",
+    columns=lambda ctx: [
+        Column("participant_id", "string", P),
+        Column("round_id", "integer", "Round (see groups)."),
+        Column("candidate_id", "integer", "Statement ranked (see candidates)."),
+        Column("rank", "integer", "1: the statement the participant would most like the group to adopt."),
+        Column("created_at", "datetime", "When the ranking was submitted, UTC."),
+    ],
+    rows=_ranking_rows,
+    count=_ranking_count,
+)
+
+
+def _preferences(ctx: ExportContext) -> QuerySet[PairwisePreference]:
+    return PairwisePreference.objects.filter(participant__room__experiment=ctx.experiment).order_by("id")
+
+
+def _preference_rows(ctx: ExportContext) -> Iterator[tuple[Any, ...]]:
+    for p, r, a, b, arm_a, arm_b, preferred, preferred_arm, t in _iterate(
+        _preferences(ctx), ctx, "participant_id", "round_id", "candidate_a_id", "candidate_b_id", "candidate_a__source_arm_id",
+        "candidate_b__source_arm_id", "preferred_id", "preferred__source_arm_id", "created_at",
+    ):
+        yield ctx.pseudonym(p), r, a, b, arm_a, arm_b, preferred, preferred_arm, t
+
+
+PREFERENCES = Table(
+    name="pairwise_preferences",
+    description="Head-to-head protocol: which of two shown statements from different arms a participant preferred.",
+    columns=lambda ctx: [
+        Column("participant_id", "string", P),
+        Column("round_id", "integer", "Round (see groups)."),
+        Column("candidate_a_id", "integer", "The pair's statement with the lower id."),
+        Column("candidate_b_id", "integer", "The pair's statement with the higher id."),
+        Column("arm_a_id", "integer", "Source arm of candidate_a."),
+        Column("arm_b_id", "integer", "Source arm of candidate_b."),
+        Column("preferred_candidate_id", "integer", "The statement preferred (candidate_a_id or candidate_b_id)."),
+        Column("preferred_arm_id", "integer", "Source arm of the preferred statement."),
+        Column("created_at", "datetime", "When the preference was first given, UTC."),
+    ],
+    rows=_preference_rows,
+    count=lambda ctx: _preferences(ctx).count(),
+)
+
+
+def _attention(ctx: ExportContext) -> QuerySet[AttentionCheck]:
+    return AttentionCheck.objects.filter(participant__room__experiment=ctx.experiment).order_by("id")
+
+
+ATTENTION = Table(
+    name="attention_checks",
+    description="Instructed-response items: the participant was asked to pick a given answer.",
+    columns=lambda ctx: [
+        Column("participant_id", "string", P),
+        Column("round_id", "integer", "Round (see groups)."),
+        Column("expected", "integer", "The answer the item asked for (1–7)."),
+        Column("answer", "integer", "The answer given (1–7; the first answer counts)."),
+        Column("passed", "boolean", "answer equals expected."),
+        Column("created_at", "datetime", "When it was answered, UTC."),
+    ],
+    rows=lambda ctx: ((ctx.pseudonym(p), r, e, a, ok, t) for p, r, e, a, ok, t in _iterate(_attention(ctx), ctx, "participant_id", "round_id", "expected", "answer", "passed", "created_at")),
+    count=lambda ctx: _attention(ctx).count(),
+)
+
+
+# timings -----------------------------------------------------------------------------------------------------
+
+_ROUND_PHASES = [
+    ("opinions", "opinions_started_at"),
+    ("mediating", "mediation_started_at"),
+    ("rating", "rating_started_at"),
+    ("done", "finished_at"),
+]
+_PARTICIPANT_EVENTS = [("joined", "joined_at"), ("consented", "consented_at"), ("finished", "finished_at"), ("dropped_out", "dropped_out_at")]
+
+
+def _timing_rows(ctx: ExportContext) -> Iterator[tuple[Any, ...]]:
+    # Phases of each round: a phase lasts until the next one that happened.
+    for row in _iterate(_rounds(ctx), ctx, "room_id", "pk", *[f for _, f in _ROUND_PHASES]):
+        room_id, round_id, stamps = row[0], row[1], row[2:]
+        for i, (phase, _) in enumerate(_ROUND_PHASES):
+            if stamps[i] is None:
+                continue
+            following = next((s for s in stamps[i + 1 :] if s is not None), None)
+            yield None, room_id, round_id, f"phase:{phase}", stamps[i], _seconds(stamps[i], following)
+    # Participant milestones.
+    for row in _iterate(_participants(ctx), ctx, "pk", "room_id", *[f for _, f in _PARTICIPANT_EVENTS]):
+        for (event, _), at in zip(_PARTICIPANT_EVENTS, row[2:]):
+            if at is not None:
+                yield ctx.pseudonym(row[0]), row[1], None, event, at, None
+    for p, room_id, round_id, at in _iterate(_opinions(ctx), ctx, "participant_id", "round__room_id", "round_id", "created_at"):
+        yield ctx.pseudonym(p), room_id, round_id, "opinion_submitted", at, None
+    for p, room_id, round_id, at in _iterate(_rankings(ctx), ctx, "participant_id", "round__room_id", "round_id", "created_at"):
+        yield ctx.pseudonym(p), room_id, round_id, "ranking_submitted", at, None
+    # Screens: each lasts until the participant's next screen (the last one has no known end).
+    views = _page_views(ctx).values_list("participant_id", "participant__room_id", "round_id", "view", "shown_at")
+    previous: tuple[Any, ...] | None = None
+    for current in views.iterator(chunk_size=ctx.chunk_size):
+        if previous is not None:
+            end = current[4] if current[0] == previous[0] else None
+            yield ctx.pseudonym(previous[0]), previous[1], previous[2], f"page:{previous[3]}", previous[4], _seconds(previous[4], end)
+        previous = current
+    if previous is not None:
+        yield ctx.pseudonym(previous[0]), previous[1], previous[2], f"page:{previous[3]}", previous[4], None
+
+
+def _page_views(ctx: ExportContext) -> QuerySet[PageView]:
+    return PageView.objects.filter(participant__room__experiment=ctx.experiment).order_by("participant_id", "shown_at", "id")
+
+
+def _seconds(start: datetime | None, end: datetime | None) -> float | None:
+    return (end - start).total_seconds() if start is not None and end is not None else None
+
+
+def _timing_count(ctx: ExportContext) -> int:
+    rounds = _rounds(ctx).aggregate(**{f: Count(f) for _, f in _ROUND_PHASES})
+    people = _participants(ctx).aggregate(**{f: Count(f) for _, f in _PARTICIPANT_EVENTS})
+    return sum(rounds.values()) + sum(people.values()) + _opinions(ctx).count() + _rankings(ctx).count() + _page_views(ctx).count()
+
+
+TIMINGS = Table(
+    name="timings",
+    description="Timestamped events: each round's phases, each participant's milestones and every screen they were shown, with durations.",
+    columns=lambda ctx: [
+        Column("participant_id", "string", "Blank for a round's phase. " + P),
+        Column("group_id", "integer", "Group (room)."),
+        Column("round_id", "integer", "Round (blank for join, consent, finish and dropout events)."),
+        Column("event", "string", "phase:<phase> (a round entered the phase), page:<screen> (a participant was shown the screen: waiting, opinions, opinion_sent, mediating, rating, done, released, dropped, not_rating), joined, consented, opinion_submitted, ranking_submitted, finished or dropped_out."),
+        Column("at", "datetime", "When it happened, UTC."),
+        Column("duration_seconds", "number", "For phases and screens: seconds until the next phase or screen (blank if none followed)."),
+    ],
+    rows=_timing_rows,
+    count=_timing_count,
+)
+
+
+TABLES: list[Table] = [
+    QUESTIONS, ARMS, GROUPS, PARTICIPANTS, OPINIONS, CANDIDATES, PREDICTED, PRESENTATIONS,
+    AGREEMENT, QUALITY, OPINION_RATINGS, RANKINGS, PREFERENCES, ATTENTION, TIMINGS,
+]
+
+
+# --- Writers ----------------------------------------------------------------------------------------
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return str(value)
+
+
+def _jsonable(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, datetime) else value
+
+
+class _Writer:
+    def __init__(self, path: Path, columns: Sequence[Column]) -> None:
+        self.path, self.columns = path, columns
+
+    def write(self, rows: list[tuple[Any, ...]]) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class _CsvWriter(_Writer):
+    def __init__(self, path: Path, columns: Sequence[Column]) -> None:
+        super().__init__(path, columns)
+        self.file = path.open("w", newline="", encoding="utf-8")
+        self.csv = csv.writer(self.file)
+        self.csv.writerow([c.name for c in columns])
+
+    def write(self, rows: list[tuple[Any, ...]]) -> None:
+        self.csv.writerows([_text(v) for v in row] for row in rows)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class _JsonlWriter(_Writer):
+    def __init__(self, path: Path, columns: Sequence[Column]) -> None:
+        super().__init__(path, columns)
+        self.file = path.open("w", encoding="utf-8")
+        self.names = [c.name for c in columns]
+
+    def write(self, rows: list[tuple[Any, ...]]) -> None:
+        self.file.writelines(
+            json.dumps(dict(zip(self.names, (_jsonable(v) for v in row))), ensure_ascii=False) + "\n" for row in rows
+        )
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class _ParquetWriter(_Writer):
+    def __init__(self, path: Path, columns: Sequence[Column]) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        super().__init__(path, columns)
+        types = {
+            "integer": pa.int64(),
+            "number": pa.float64(),
+            "string": pa.string(),
+            "boolean": pa.bool_(),
+            "datetime": pa.timestamp("us", tz="UTC"),
+        }
+        self.pa = pa
+        self.schema = pa.schema([pa.field(c.name, types[c.type]) for c in columns])
+        self.writer = pq.ParquetWriter(str(path), self.schema)
+
+    def write(self, rows: list[tuple[Any, ...]]) -> None:
+        if rows:
+            arrays = [self.pa.array([row[i] for row in rows], type=f.type) for i, f in enumerate(self.schema)]
+            self.writer.write_batch(self.pa.RecordBatch.from_arrays(arrays, schema=self.schema))
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+WRITERS: dict[str, type[_Writer]] = {"csv": _CsvWriter, "jsonl": _JsonlWriter, "parquet": _ParquetWriter}
+
+
+def _write_table(table: Table, ctx: ExportContext, path: Path, fmt: str, on_rows: Callable[[int], None]) -> int:
+    columns = table.columns(ctx)
+    writer = WRITERS[fmt](path, columns)
+    written = 0
+    batch: list[tuple[Any, ...]] = []
+    try:
+        for row in table.rows(ctx):
+            if len(row) != len(columns):
+                raise AssertionError(f"table {table.name}: a row has {len(row)} values for {len(columns)} columns")
+            batch.append(row)
+            if len(batch) >= ctx.chunk_size:
+                writer.write(batch)
+                written += len(batch)
+                on_rows(len(batch))
+                batch = []
+        writer.write(batch)
+        written += len(batch)
+        on_rows(len(batch))
+    finally:
+        writer.close()
+    return written
+
+
+# --- Data dictionary --------------------------------------------------------------------------------
+
+
+def data_dictionary(ctx: ExportContext, fmt: str, row_counts: dict[str, int], created_at: datetime) -> tuple[str, dict[str, Any]]:
+    """README.md text and the Frictionless datapackage.json, both from the table declarations."""
+    experiment = ctx.experiment
+    uses_hm_bank = _questions(ctx).filter(source__icontains="habermas").exists()
+    lines = [
+        f"# Dataset: {experiment.name} (`{experiment.slug}`)",
+        "",
+        f"Exported by Concord on {created_at.isoformat()} as {fmt}. One file per table; this README and "
+        "`datapackage.json` (Frictionless Data, tabular-data-package) document every column.",
+        "",
+        "Participants are pseudonymised: `participant_id` is a keyed hash, stable within this experiment. "
+        + ("External ids (recruitment panel ids) are **included** on request." if ctx.include_external_ids else "External ids are not included."),
+        "Times are UTC (ISO 8601). Agreement is on a 7-point scale: 1 strongly disagree … 7 strongly agree.",
+        "",
+    ]
+    if uses_hm_bank:
+        lines += ["## Credit", "", HM_CREDIT, ""]
+    lines += ["## Tables", ""]
+    resources = []
+    for table in TABLES:
+        columns = table.columns(ctx)
+        path = f"{table.name}.{fmt}"
+        lines += [f"### {table.name}", "", f"`{path}` — {row_counts.get(table.name, 0)} rows. {table.description}", "",
+                  "| column | type | description |", "| --- | --- | --- |"]
+        lines += [f"| `{c.name}` | {c.type} | {c.description.replace('|', '/')} |" for c in columns]
+        lines.append("")
+        resources.append({
+            "name": table.name,
+            "path": path,
+            "profile": "tabular-data-resource",
+            "format": fmt,
+            **({"mediatype": "text/csv", "encoding": "utf-8"} if fmt == "csv" else {}),
+            "description": table.description,
+            "schema": {"fields": [{"name": c.name, "type": c.type, "description": c.description} for c in columns]},
+        })
+    package = {
+        "profile": "tabular-data-package",
+        "name": f"concord-{experiment.slug}".lower(),
+        "title": f"Concord dataset: {experiment.name}",
+        "created": created_at.isoformat(),
+        "resources": resources,
+    }
+    if uses_hm_bank:
+        package["sources"] = [{"title": "Habermas Machine question bank (google-deepmind/habermas_machine)"}]
+        package["licenses"] = [{"name": "CC-BY-4.0", "title": "Creative Commons Attribution 4.0 (question bank)", "path": "https://creativecommons.org/licenses/by/4.0/"}]
+    return "\n".join(lines), package
+
+
+# --- Running an export --------------------------------------------------------------------------------
+
+
+@dataclass
+class ExportOutcome:
+    path: Path
+    sha256: str
+    row_counts: dict[str, int]
+
+
+def write_dataset(
+    *, experiment: Experiment, fmt: str, out_dir: Path, include_external_ids: bool, name: str,
+    on_progress: ProgressCallback | None = None, chunk_size: int = CHUNK_SIZE,
+) -> ExportOutcome:
+    """Write every table to `out_dir/name.zip`, streaming rows; the zip appears only when complete."""
+    if fmt not in WRITERS:
+        raise ValueError(f"unknown format {fmt!r}")
+    ctx = ExportContext(experiment=experiment, include_external_ids=include_external_ids, chunk_size=chunk_size)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scratch = out_dir / f".{name}.partial"
+    shutil.rmtree(scratch, ignore_errors=True)  # leftovers of a crashed attempt
+    scratch.mkdir()
+    try:
+        total = sum(table.count(ctx) for table in TABLES)
+        done = [0]
+        row_counts: dict[str, int] = {}
+        for table in TABLES:
+            def on_rows(n: int, table_name: str = table.name) -> None:
+                done[0] += n
+                if on_progress is not None:
+                    on_progress(table_name, done[0], max(total, done[0]))
+
+            row_counts[table.name] = _write_table(table, ctx, scratch / f"{table.name}.{fmt}", fmt, on_rows)
+        readme, package = data_dictionary(ctx, fmt, row_counts, timezone.now())
+        (scratch / "README.md").write_text(readme, encoding="utf-8")
+        (scratch / "datapackage.json").write_text(json.dumps(package, indent=2, ensure_ascii=False), encoding="utf-8")
+        partial_zip = out_dir / f".{name}.zip.partial"
+        with zipfile.ZipFile(partial_zip, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            for member in ["README.md", "datapackage.json", *[f"{t.name}.{fmt}" for t in TABLES]]:
+                archive.write(scratch / member, arcname=f"{name}/{member}")
+        final = out_dir / f"{name}.zip"
+        os.replace(partial_zip, final)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    digest = hashlib.sha256()
+    with final.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return ExportOutcome(path=final, sha256=digest.hexdigest(), row_counts=row_counts)
+
+
+def run_export(*, export_id: int, on_progress: ProgressCallback | None = None) -> str:
+    """Carry out one audited export (the task body; the command calls it directly for a synchronous run)."""
+    export = services.dataset_export_claim(export_id=export_id)
+    if export is None:
+        return "already done"
+    name = f"{export.experiment.slug}-export-{export.pk}-{export.format}"
+
+    def progress(table: str, done: int, total: int) -> None:
+        services.dataset_export_progress(export_id=export_id, done=done, total=total)
+        if on_progress is not None:
+            on_progress(table, done, total)
+
+    try:
+        outcome = write_dataset(
+            experiment=export.experiment, fmt=export.format, out_dir=Path(export.out_dir),
+            include_external_ids=export.include_external_ids, name=name, on_progress=progress,
+        )
+    except Exception as error:
+        logger.exception("Export %s failed", export_id)
+        services.dataset_export_fail(export_id=export_id, error=f"{type(error).__name__}: {error}")
+        return "failed"
+    services.dataset_export_finish(export_id=export_id, path=str(outcome.path), sha256=outcome.sha256, row_counts=outcome.row_counts)
+    return "done"
+
+
+def export_for(export: DatasetExport) -> Path | None:
+    path = Path(export.path) if export.path else None
+    return path if path is not None and path.is_file() else None

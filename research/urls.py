@@ -1,0 +1,16 @@
+"""The researcher pages, under /researcher/ (config.urls). The room monitor is deliberation's (/researcher/rooms/)."""
+
+from django.urls import path
+
+from . import views
+
+urlpatterns = [
+    path("", views.researcher_home, name="researcher_home"),
+    path("experiments/<slug:slug>/cohort/", views.cohort_monitor, name="cohort_monitor"),
+    path("experiments/<slug:slug>/pause/", views.experiment_pause, name="experiment_pause"),
+    path("experiments/<slug:slug>/analytics/", views.analytics_page, name="analytics"),
+    path("experiments/<slug:slug>/analytics.csv", views.analytics_csv, name="analytics_csv"),
+    path("experiments/<slug:slug>/exports/", views.exports_page, name="exports_page"),
+    path("exports/<int:export_id>/download/", views.export_download, name="export_download"),
+    path("experiments/<slug:slug>/", views.experiment_detail, name="experiment_detail"),
+]

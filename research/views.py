@@ -1,0 +1,115 @@
+"""The researcher pages: experiments, the live cohort, analytics and dataset exports.
+
+Every page asks accounts.permissions which experiments the researcher may see; another
+researcher's experiment answers 404, as if it did not exist.
+"""
+
+from __future__ import annotations
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.http import FileResponse, Http404, HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
+
+from deliberation.models import Experiment
+
+from . import analytics, selectors, services
+from .exports import export_for
+from .models import DatasetExport
+
+
+@login_required
+@require_GET
+def researcher_home(request: HttpRequest) -> HttpResponse:
+    experiments = selectors.experiments_for(request.user)
+    return render(request, "research/researcher_home.html", {"experiments": experiments})
+
+
+@login_required
+@require_GET
+def experiment_detail(request: HttpRequest, slug: str) -> HttpResponse:
+    experiment = get_object_or_404(selectors.experiments_for(request.user), slug=slug)
+    join_url = request.build_absolute_uri(reverse("join", kwargs={"slug": experiment.slug}))
+    return render(
+        request,
+        "research/experiment_detail.html",
+        {"experiment": experiment, "rooms": selectors.rooms_for_experiment(experiment), "join_url": join_url},
+    )
+
+
+def _own_experiment(request: HttpRequest, slug: str) -> Experiment:
+    # Another researcher's experiment does not exist, as far as this researcher can tell.
+    return get_object_or_404(selectors.experiments_for(request.user), slug=slug)
+
+
+@login_required
+@require_GET
+def cohort_monitor(request: HttpRequest, slug: str) -> HttpResponse:
+    experiment = _own_experiment(request, slug)
+    template = "research/partials/cohort_body.html" if request.htmx else "research/cohort.html"
+    return render(request, template, {"cohort": selectors.cohort_state(experiment)})
+
+
+@login_required
+@require_POST
+def experiment_pause(request: HttpRequest, slug: str) -> HttpResponse:
+    experiment = _own_experiment(request, slug)
+    paused = request.POST.get("action") == "pause"
+    services.experiment_pause(experiment=experiment, paused=paused)
+    messages.success(request, "The study is paused: nobody new can join." if paused else "The study is accepting participants again.")
+    return redirect("cohort_monitor", slug=experiment.slug)
+
+
+@login_required
+@require_GET
+def analytics_page(request: HttpRequest, slug: str) -> HttpResponse:
+    experiment = _own_experiment(request, slug)
+    report = analytics.experiment_report(experiment)
+    return render(
+        request,
+        "research/analytics.html",
+        {"experiment": experiment, "report": report, "rows": analytics.table_rows(report), "charts": analytics.charts(report)},
+    )
+
+
+@login_required
+@require_GET
+def analytics_csv(request: HttpRequest, slug: str) -> HttpResponse:
+    experiment = _own_experiment(request, slug)
+    response = HttpResponse(analytics.report_csv(analytics.experiment_report(experiment)), content_type="text/csv; charset=utf-8")
+    response["Content-Disposition"] = f'attachment; filename="{experiment.slug}-analytics.csv"'
+    return response
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def exports_page(request: HttpRequest, slug: str) -> HttpResponse:
+    experiment = _own_experiment(request, slug)
+    if request.method == "POST":
+        try:
+            services.dataset_export_request(
+                experiment=experiment, requested_by=request.user, via="web", format=request.POST.get("format", ""),
+                include_external_ids=request.POST.get("include_external_ids") == "yes",
+            )
+        except services.ServiceError as error:
+            messages.error(request, str(error))
+        else:
+            messages.success(request, "The export is being written; this page shows its progress.")
+        return redirect("exports_page", slug=experiment.slug)
+    template = "research/partials/exports_table.html" if request.htmx else "research/exports.html"
+    formats = list(DatasetExport.Format.choices)
+    return render(request, template, {"experiment": experiment, "exports": selectors.exports_for(experiment), "formats": formats})
+
+
+@login_required
+@require_GET
+def export_download(request: HttpRequest, export_id: int) -> HttpResponse:
+    export = selectors.export_visible_to(request.user, export_id)
+    if export is None:
+        raise Http404("No such export.")
+    path = export_for(export)
+    if path is None:
+        raise Http404("This export has no file (yet, or any more).")
+    return FileResponse(path.open("rb"), as_attachment=True, filename=path.name, content_type="application/zip")
