@@ -16,17 +16,17 @@ from django.contrib import admin
 from django.db.models import Q, QuerySet
 
 if TYPE_CHECKING:
-    from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+    from django.contrib.auth.models import AbstractUser, AnonymousUser
     from django.http import HttpRequest
 
-User = "AbstractBaseUser | AnonymousUser"
+User = "AbstractUser | AnonymousUser"
 
 
-def sees_every_experiment(user: AbstractBaseUser | AnonymousUser) -> bool:
+def sees_every_experiment(user: AbstractUser | AnonymousUser) -> bool:
     return bool(user.is_authenticated and user.is_staff)
 
 
-def experiment_filter(user: AbstractBaseUser | AnonymousUser, *, path: str = "") -> Q:
+def experiment_filter(user: AbstractUser | AnonymousUser, *, path: str = "") -> Q:
     """A filter keeping the rows (reached through `path`, e.g. "room__experiment__") of experiments `user` may see."""
     if not user.is_authenticated:
         return Q(pk__in=[])
@@ -35,11 +35,11 @@ def experiment_filter(user: AbstractBaseUser | AnonymousUser, *, path: str = "")
     return Q(**{f"{path}owner": user})
 
 
-def can_see_experiment(user: AbstractBaseUser | AnonymousUser, experiment: Any) -> bool:
+def can_see_experiment(user: AbstractUser | AnonymousUser, experiment: Any) -> bool:
     return bool(user.is_authenticated and (sees_every_experiment(user) or experiment.owner_id == user.pk))
 
 
-def can_monitor(user: AbstractBaseUser | AnonymousUser, room: Any) -> bool:
+def can_monitor(user: AbstractUser | AnonymousUser, room: Any) -> bool:
     return can_see_experiment(user, room.experiment)
 
 

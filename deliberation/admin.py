@@ -29,7 +29,7 @@ from .models import (
 class ParticipantInline(admin.TabularInline):
     model = Participant
     extra = 0
-    fields = ["label", "external_id", "consented_at", "connections", "dropped_out_at", "finished_at"]
+    fields = ("label", "external_id", "consented_at", "connections", "dropped_out_at", "finished_at")
     readonly_fields = fields
 
 

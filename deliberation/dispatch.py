@@ -83,7 +83,7 @@ def enqueue(name: str, *, args: list[Any], countdown: float = 0.0) -> bool:
 def _apply_now(task: Task, args: list[Any]) -> None:
     close_old_connections()
     try:
-        result = task.apply(args=args)
+        result = task.apply(args=tuple(args))
         if result.failed():
             logger.error("In-process task %s%r failed: %s", task.name, tuple(args), result.result)
     finally:

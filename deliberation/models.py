@@ -201,7 +201,7 @@ class Arm(models.Model):
         if self.compare_with_id is not None:
             if self.compare_with_id == self.pk:
                 raise ValidationError({"compare_with": "An arm cannot be compared with itself."})
-            if self.compare_with.experiment_id != self.experiment_id:
+            if self.compare_with is not None and self.compare_with.experiment_id != self.experiment_id:
                 raise ValidationError({"compare_with": "The compared arm must belong to the same experiment."})
             if self.k_shown < 2:
                 raise ValidationError({"k_shown": "Head-to-head needs at least 2 shown statements (one from each arm)."})

@@ -208,7 +208,7 @@ def _participant_draw(round_: Round, participant: Participant, purpose: str) -> 
 
 def preference_pairs(*, participant: Participant, round_: Round) -> list[tuple[int, int]]:
     """Head-to-head pairs: each shown statement paired with each shown statement of the other arm, in the order seen."""
-    presented = list(
+    presented: list[tuple[int, int | None]] = list(
         Presentation.objects.filter(participant=participant, candidate__round=round_)
         .order_by("position")
         .values_list("candidate_id", "candidate__source_arm_id")
@@ -278,7 +278,7 @@ def _add_protocol_items(state: ParticipantState, *, source_arm_of: dict[int, int
                 candidate_b_id=second,
                 position_a=position_of[first],
                 position_b=position_of[second],
-                preferred_id=chosen.get(tuple(sorted((first, second)))),
+                preferred_id=chosen.get((min(first, second), max(first, second))),
             )
         )
     given = (

@@ -43,16 +43,19 @@ def mediate_round(self, round_id: int) -> str:
     arms = {arm.pk: arm for arm in Arm.objects.select_related("reward_model_version").filter(pk__in=mediation.source_arm_ids)}
     sources = [arms[arm_id] for arm_id in mediation.source_arm_ids]
     total = sum(arm.n_candidates for arm in sources)
-    last_sent = [0.0, ("", -1)]
-    offset = [0]  # candidates written by earlier configurations of a head-to-head round
+    # When the last progress event went out, and for which (stage, done): a repeat is not sent.
+    last_sent_at = 0.0
+    last_sent: tuple[str, int] = ("", -1)
+    offset = 0  # candidates written by earlier configurations of a head-to-head round
 
     def on_stage(stage: PipelineStage, done: int, stage_total: int) -> None:
-        done = offset[0] + done if stage == PipelineStage.GENERATING else done
+        nonlocal last_sent_at, last_sent
+        done = offset + done if stage == PipelineStage.GENERATING else done
         shown_total = total if stage == PipelineStage.GENERATING else stage_total
         now = time.monotonic()
-        if (stage, done) == last_sent[1] or (now - last_sent[0] < PROGRESS_MIN_INTERVAL_S and 0 < done < shown_total):
+        if (stage, done) == last_sent or (now - last_sent_at < PROGRESS_MIN_INTERVAL_S and 0 < done < shown_total):
             return
-        last_sent[0], last_sent[1] = now, (stage, done)
+        last_sent_at, last_sent = now, (stage, done)
         services.mediation_progress(round_id=round_id, stage=stage, done=done, total=shown_total)
 
     results: list[services.SourcedResult] = []
@@ -75,7 +78,7 @@ def mediate_round(self, round_id: int) -> str:
                     on_stage=on_stage,
                 )
                 results.append(services.SourcedResult(arm_id=arm.pk, result=result))
-                offset[0] += arm.n_candidates
+                offset += arm.n_candidates
     except SoftTimeLimitExceeded:
         services.mediation_fail(round_id=round_id, error="mediation ran past its time limit", final=True)
         raise

@@ -5,13 +5,14 @@ from __future__ import annotations
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
-from django.http import Http404, HttpRequest, HttpResponse, HttpResponseBadRequest
+from django.http import Http404, HttpResponse, HttpResponseBadRequest
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from accounts import permissions
 
 from . import selectors, services
+from .http import HtmxHttpRequest
 from .models import Experiment, Participant, Room
 from .ratelimit import rate_limited
 
@@ -19,14 +20,14 @@ SESSION_KEY = "concord_participants"
 EXTERNAL_ID_PARAMS = ("PROLIFIC_PID", "participant_label")
 
 
-def _remember(request: HttpRequest, participant: Participant) -> None:
+def _remember(request: HtmxHttpRequest, participant: Participant) -> None:
     codes = list(request.session.get(SESSION_KEY, []))
     if participant.code not in codes:
         codes.append(participant.code)
     request.session[SESSION_KEY] = codes[-50:]
 
 
-def participant_for_request(request: HttpRequest, code: str) -> Participant:
+def participant_for_request(request: HtmxHttpRequest, code: str) -> Participant:
     """The participant behind this URL, if this browser session joined as them; else 404."""
     if code not in request.session.get(SESSION_KEY, []):
         raise Http404("No such participant in this browser session.")
@@ -36,7 +37,7 @@ def participant_for_request(request: HttpRequest, code: str) -> Participant:
     return participant
 
 
-def _external_id(request: HttpRequest) -> str:
+def _external_id(request: HtmxHttpRequest) -> str:
     for name in EXTERNAL_ID_PARAMS:
         value = request.GET.get(name) or request.POST.get(name)
         if value:
@@ -45,14 +46,14 @@ def _external_id(request: HttpRequest) -> str:
 
 
 @require_GET
-def home(request: HttpRequest) -> HttpResponse:
+def home(request: HtmxHttpRequest) -> HttpResponse:
     experiments = Experiment.objects.filter(status=Experiment.Status.ACTIVE).order_by("name")
     return render(request, "home.html", {"experiments": experiments})
 
 
 @require_http_methods(["GET", "POST"])
 @rate_limited("join", limit_setting="RATE_LIMIT_JOIN_PER_IP")
-def join(request: HttpRequest, slug: str, room_code: str | None = None) -> HttpResponse:
+def join(request: HtmxHttpRequest, slug: str, room_code: str | None = None) -> HttpResponse:
     experiment = get_object_or_404(Experiment, slug=slug)
     room = get_object_or_404(Room, code=room_code, experiment=experiment) if room_code else None
     external_id = _external_id(request)
@@ -71,7 +72,7 @@ def join(request: HttpRequest, slug: str, room_code: str | None = None) -> HttpR
     return render(request, "deliberation/consent.html", context)
 
 
-def _room_response(request: HttpRequest, participant: Participant, *, error: str = "", status: int = 200) -> HttpResponse:
+def _room_response(request: HtmxHttpRequest, participant: Participant, *, error: str = "", status: int = 200) -> HttpResponse:
     state = selectors.room_state_for(participant)
     # Page timings: which screen the participant was shown, and when (repeats are not recorded twice).
     services.page_view_record(participant_id=participant.pk, view=state.view, round_id=state.round.pk, phase=state.round.phase)
@@ -80,14 +81,14 @@ def _room_response(request: HttpRequest, participant: Participant, *, error: str
 
 
 @require_GET
-def participant_page(request: HttpRequest, code: str) -> HttpResponse:
+def participant_page(request: HtmxHttpRequest, code: str) -> HttpResponse:
     participant = participant_for_request(request, code)
     return _room_response(request, participant)
 
 
 @require_POST
 @rate_limited("submit", limit_setting="RATE_LIMIT_SUBMIT_PER_PARTICIPANT", by="participant")
-def opinion_submit(request: HttpRequest, code: str) -> HttpResponse:
+def opinion_submit(request: HtmxHttpRequest, code: str) -> HttpResponse:
     participant = participant_for_request(request, code)
     try:
         services.opinion_submit(participant=participant, text=request.POST.get("text", ""))
@@ -100,7 +101,7 @@ def opinion_submit(request: HttpRequest, code: str) -> HttpResponse:
 
 @require_POST
 @rate_limited("draft", limit_setting="RATE_LIMIT_DRAFT_PER_PARTICIPANT", by="participant")
-def opinion_draft(request: HttpRequest, code: str) -> HttpResponse:
+def opinion_draft(request: HtmxHttpRequest, code: str) -> HttpResponse:
     participant = participant_for_request(request, code)
     services.opinion_save_draft(participant=participant, text=request.POST.get("text", ""))
     return HttpResponse(status=204)
@@ -108,7 +109,7 @@ def opinion_draft(request: HttpRequest, code: str) -> HttpResponse:
 
 @require_POST
 @rate_limited("submit", limit_setting="RATE_LIMIT_SUBMIT_PER_PARTICIPANT", by="participant")
-def rating_submit(request: HttpRequest, code: str, candidate_id: int) -> HttpResponse:
+def rating_submit(request: HtmxHttpRequest, code: str, candidate_id: int) -> HttpResponse:
     participant = participant_for_request(request, code)
     try:
         services.rating_submit(
@@ -124,7 +125,7 @@ def rating_submit(request: HttpRequest, code: str, candidate_id: int) -> HttpRes
 
 @require_POST
 @rate_limited("submit", limit_setting="RATE_LIMIT_SUBMIT_PER_PARTICIPANT", by="participant")
-def ranking_submit(request: HttpRequest, code: str) -> HttpResponse:
+def ranking_submit(request: HtmxHttpRequest, code: str) -> HttpResponse:
     participant = participant_for_request(request, code)
     positions: dict[int, object] = {}
     for key, value in request.POST.items():
@@ -142,7 +143,7 @@ def ranking_submit(request: HttpRequest, code: str) -> HttpResponse:
 
 @require_POST
 @rate_limited("submit", limit_setting="RATE_LIMIT_SUBMIT_PER_PARTICIPANT", by="participant")
-def preference_submit(request: HttpRequest, code: str) -> HttpResponse:
+def preference_submit(request: HtmxHttpRequest, code: str) -> HttpResponse:
     participant = participant_for_request(request, code)
     try:
         first, second = int(request.POST.get("candidate_a", "")), int(request.POST.get("candidate_b", ""))
@@ -159,7 +160,7 @@ def preference_submit(request: HttpRequest, code: str) -> HttpResponse:
 
 @require_POST
 @rate_limited("submit", limit_setting="RATE_LIMIT_SUBMIT_PER_PARTICIPANT", by="participant")
-def opinion_rating_submit(request: HttpRequest, code: str, opinion_id: int) -> HttpResponse:
+def opinion_rating_submit(request: HtmxHttpRequest, code: str, opinion_id: int) -> HttpResponse:
     participant = participant_for_request(request, code)
     try:
         services.opinion_rating_submit(participant=participant, opinion_id=opinion_id, agreement=request.POST.get("agreement"))
@@ -170,7 +171,7 @@ def opinion_rating_submit(request: HttpRequest, code: str, opinion_id: int) -> H
 
 @require_POST
 @rate_limited("submit", limit_setting="RATE_LIMIT_SUBMIT_PER_PARTICIPANT", by="participant")
-def attention_submit(request: HttpRequest, code: str) -> HttpResponse:
+def attention_submit(request: HtmxHttpRequest, code: str) -> HttpResponse:
     participant = participant_for_request(request, code)
     try:
         services.attention_check_submit(participant=participant, answer=request.POST.get("answer"))
@@ -179,7 +180,7 @@ def attention_submit(request: HttpRequest, code: str) -> HttpResponse:
     return _after_action(request, participant)
 
 
-def _after_action(request: HttpRequest, participant: Participant) -> HttpResponse:
+def _after_action(request: HtmxHttpRequest, participant: Participant) -> HttpResponse:
     if request.htmx:
         return _room_response(request, participant)
     return redirect("participant", code=participant.code)
@@ -188,7 +189,7 @@ def _after_action(request: HttpRequest, participant: Participant) -> HttpRespons
 # --- The room monitor (researchers) -------------------------------------------------
 
 
-def _monitored_room(request: HttpRequest, room_id: int) -> Room:
+def _monitored_room(request: HtmxHttpRequest, room_id: int) -> Room:
     room = get_object_or_404(Room.objects.select_related("experiment"), pk=room_id)
     if not permissions.can_monitor(request.user, room):
         raise PermissionDenied("You can only monitor your own experiments.")
@@ -197,14 +198,14 @@ def _monitored_room(request: HttpRequest, room_id: int) -> Room:
 
 @login_required
 @require_GET
-def room_monitor(request: HttpRequest, room_id: int) -> HttpResponse:
+def room_monitor(request: HtmxHttpRequest, room_id: int) -> HttpResponse:
     room = _monitored_room(request, room_id)
     return render(request, "deliberation/monitor.html", {"monitor": selectors.monitor_state(room)})
 
 
 @login_required
 @require_POST
-def room_start(request: HttpRequest, room_id: int) -> HttpResponse:
+def room_start(request: HtmxHttpRequest, room_id: int) -> HttpResponse:
     room = _monitored_room(request, room_id)
     try:
         services.round_start(room=room)

@@ -45,8 +45,7 @@ def _export_action(fmt: str):
             modeladmin.message_user(request, format_html('Export {} of {} is being written: <a href="{}">follow it here</a>.', export.pk, experiment.slug, url))
 
     action.__name__ = f"export_dataset_{fmt}"
-    action.short_description = f"Export dataset ({fmt}, pseudonymised)"
-    return action
+    return admin.action(description=f"Export dataset ({fmt}, pseudonymised)")(action)
 
 
 class ExperimentAdminForm(forms.ModelForm):

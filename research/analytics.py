@@ -188,7 +188,7 @@ def best_opinion_outcome(statement_rows: Sequence[StatementRating], opinion_rows
     ranked = [row for row in statement_rows if row.welfare_rank is not None]
     if not ranked or not opinion_rows:
         return None
-    top_rank = min(row.welfare_rank for row in ranked)
+    top_rank = min(row.welfare_rank for row in ranked if row.welfare_rank is not None)
     top = {row.participant_id: row.agreement for row in ranked if row.welfare_rank == top_rank}
     endorsements: dict[int, dict[int, int]] = defaultdict(dict)
     authors: dict[int, int] = {}
@@ -317,8 +317,8 @@ def arm_report(arm: Arm, data: StudyData, *, seed: int, arm_names: dict[int, str
 
     # Best human opinion: groups assigned to this arm, its own top statement.
     opinion_rows: dict[int, list[OpinionEndorsement]] = defaultdict(list)
-    for row in data.opinion_ratings:
-        opinion_rows[row.room_id].append(row)
+    for endorsement in data.opinion_ratings:
+        opinion_rows[endorsement.room_id].append(endorsement)
     contests = [
         outcome
         for group in groups

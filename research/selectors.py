@@ -15,10 +15,10 @@ from deliberation.models import Experiment, Room, Round
 from .models import DatasetExport
 
 if TYPE_CHECKING:
-    from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+    from django.contrib.auth.models import AbstractUser, AnonymousUser
 
 
-def experiments_for(user: AbstractBaseUser | AnonymousUser) -> QuerySet[Experiment]:
+def experiments_for(user: AbstractUser | AnonymousUser) -> QuerySet[Experiment]:
     """The experiments `user` may see (accounts.permissions), newest first."""
     return Experiment.objects.filter(permissions.experiment_filter(user)).order_by("-created_at")
 
@@ -96,5 +96,5 @@ def exports_for(experiment: Experiment) -> QuerySet[DatasetExport]:
     return DatasetExport.objects.filter(experiment=experiment).select_related("requested_by").order_by("-created_at", "-id")
 
 
-def export_visible_to(user: AbstractBaseUser | AnonymousUser, export_id: int) -> DatasetExport | None:
+def export_visible_to(user: AbstractUser | AnonymousUser, export_id: int) -> DatasetExport | None:
     return DatasetExport.objects.filter(pk=export_id, experiment__in=experiments_for(user)).select_related("experiment").first()

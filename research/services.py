@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from django.conf import settings
+from django.contrib.auth.models import AnonymousUser, User
 from django.db import transaction
 from django.utils import timezone
 
@@ -20,9 +20,6 @@ from deliberation.models import AllowedExternalId, Experiment
 from deliberation.services import InvalidInput, ServiceError
 
 from .models import DatasetExport
-
-if TYPE_CHECKING:
-    from django.contrib.auth.models import AbstractBaseUser
 
 
 def allow_list_add(*, experiment: Experiment, external_ids: Iterable[str]) -> int:
@@ -46,7 +43,7 @@ def experiment_pause(*, experiment: Experiment, paused: bool) -> Experiment:
 def dataset_export_request(
     *,
     experiment: Experiment,
-    requested_by: AbstractBaseUser | None,
+    requested_by: User | AnonymousUser | None,
     via: str,
     format: str,
     include_external_ids: bool = False,
@@ -60,7 +57,7 @@ def dataset_export_request(
     with transaction.atomic():
         export = DatasetExport.objects.create(
             experiment=experiment,
-            requested_by=requested_by if requested_by is not None and requested_by.is_authenticated else None,
+            requested_by=requested_by if isinstance(requested_by, User) else None,
             requested_via=via,
             format=format,
             include_external_ids=include_external_ids,

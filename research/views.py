@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.http import FileResponse, Http404, HttpRequest, HttpResponse
+from django.http import FileResponse, Http404, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
+from deliberation.http import HtmxHttpRequest
 from deliberation.models import Experiment
 
 from . import analytics, selectors, services
@@ -22,14 +23,14 @@ from .models import DatasetExport
 
 @login_required
 @require_GET
-def researcher_home(request: HttpRequest) -> HttpResponse:
+def researcher_home(request: HtmxHttpRequest) -> HttpResponse:
     experiments = selectors.experiments_for(request.user)
     return render(request, "research/researcher_home.html", {"experiments": experiments})
 
 
 @login_required
 @require_GET
-def experiment_detail(request: HttpRequest, slug: str) -> HttpResponse:
+def experiment_detail(request: HtmxHttpRequest, slug: str) -> HttpResponse:
     experiment = get_object_or_404(selectors.experiments_for(request.user), slug=slug)
     join_url = request.build_absolute_uri(reverse("join", kwargs={"slug": experiment.slug}))
     return render(
@@ -39,14 +40,14 @@ def experiment_detail(request: HttpRequest, slug: str) -> HttpResponse:
     )
 
 
-def _own_experiment(request: HttpRequest, slug: str) -> Experiment:
+def _own_experiment(request: HtmxHttpRequest, slug: str) -> Experiment:
     # Another researcher's experiment does not exist, as far as this researcher can tell.
     return get_object_or_404(selectors.experiments_for(request.user), slug=slug)
 
 
 @login_required
 @require_GET
-def cohort_monitor(request: HttpRequest, slug: str) -> HttpResponse:
+def cohort_monitor(request: HtmxHttpRequest, slug: str) -> HttpResponse:
     experiment = _own_experiment(request, slug)
     template = "research/partials/cohort_body.html" if request.htmx else "research/cohort.html"
     return render(request, template, {"cohort": selectors.cohort_state(experiment)})
@@ -54,7 +55,7 @@ def cohort_monitor(request: HttpRequest, slug: str) -> HttpResponse:
 
 @login_required
 @require_POST
-def experiment_pause(request: HttpRequest, slug: str) -> HttpResponse:
+def experiment_pause(request: HtmxHttpRequest, slug: str) -> HttpResponse:
     experiment = _own_experiment(request, slug)
     paused = request.POST.get("action") == "pause"
     services.experiment_pause(experiment=experiment, paused=paused)
@@ -64,7 +65,7 @@ def experiment_pause(request: HttpRequest, slug: str) -> HttpResponse:
 
 @login_required
 @require_GET
-def analytics_page(request: HttpRequest, slug: str) -> HttpResponse:
+def analytics_page(request: HtmxHttpRequest, slug: str) -> HttpResponse:
     experiment = _own_experiment(request, slug)
     report = analytics.experiment_report(experiment)
     return render(
@@ -76,7 +77,7 @@ def analytics_page(request: HttpRequest, slug: str) -> HttpResponse:
 
 @login_required
 @require_GET
-def analytics_csv(request: HttpRequest, slug: str) -> HttpResponse:
+def analytics_csv(request: HtmxHttpRequest, slug: str) -> HttpResponse:
     experiment = _own_experiment(request, slug)
     response = HttpResponse(analytics.report_csv(analytics.experiment_report(experiment)), content_type="text/csv; charset=utf-8")
     response["Content-Disposition"] = f'attachment; filename="{experiment.slug}-analytics.csv"'
@@ -85,7 +86,7 @@ def analytics_csv(request: HttpRequest, slug: str) -> HttpResponse:
 
 @login_required
 @require_http_methods(["GET", "POST"])
-def exports_page(request: HttpRequest, slug: str) -> HttpResponse:
+def exports_page(request: HtmxHttpRequest, slug: str) -> HttpResponse:
     experiment = _own_experiment(request, slug)
     if request.method == "POST":
         try:
@@ -105,7 +106,7 @@ def exports_page(request: HttpRequest, slug: str) -> HttpResponse:
 
 @login_required
 @require_GET
-def export_download(request: HttpRequest, export_id: int) -> HttpResponse:
+def export_download(request: HtmxHttpRequest, export_id: int) -> FileResponse:
     export = selectors.export_visible_to(request.user, export_id)
     if export is None:
         raise Http404("No such export.")

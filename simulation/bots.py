@@ -88,7 +88,7 @@ def write_opinions(
     from modeling.generation.base import SamplingParams
 
     prompts = [
-        generator.render_chat(persona_messages(question, affirming if p.stance > 0 else negating, p))  # type: ignore[arg-type]
+        generator.render_chat(persona_messages(question, affirming if p.stance > 0 else negating, p))
         for p in personas
     ]
     completions = generator.sample_prompts(

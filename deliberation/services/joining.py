@@ -68,10 +68,13 @@ def _choose_question(*, experiment: Experiment) -> Question:
 def room_create(*, experiment: Experiment, arm: Arm | None = None, question: Question | None = None) -> Room:
     with transaction.atomic():
         draw = None if arm is not None else _draw_arm(experiment=experiment)
+        if draw is not None:
+            arm = draw.arm
+        assert arm is not None
         ordinal = experiment.rooms.count()
         room = Room.objects.create(
             experiment=experiment,
-            arm=arm if arm is not None else draw.arm,
+            arm=arm,
             question=question or _choose_question(experiment=experiment),
             capacity=experiment.group_size,
         )
@@ -137,16 +140,14 @@ def participant_join(*, experiment: Experiment, external_id: str = "", room: Roo
             return _add_participant(room=room, external_id=external_id)
         # The experiment lock above already serialises joins, so no room lock is needed here
         # (and PostgreSQL refuses FOR UPDATE with GROUP BY).
-        forming = (
+        forming: Room | None = (
             experiment.rooms.filter(status=Room.Status.OPEN)
             .annotate(size=Count("participants"))
             .filter(size__lt=F("capacity"))
             .order_by("id")
             .first()
         )
-        if forming is None:
-            forming = room_create(experiment=experiment)
-        return _add_participant(room=forming, external_id=external_id)
+        return _add_participant(room=forming or room_create(experiment=experiment), external_id=external_id)
 
 
 def presence_connect(*, participant_id: int) -> None:

@@ -250,7 +250,7 @@ def _convert_gguf(source: ModelSource, target: Path) -> None:
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         # The weights are fully de-quantised at this point; transformers still tags the model
         # as "gguf-quantised" and refuses to save it, so drop the tag before saving plain tensors.
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]  # transformers types it as always set
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(tmp)
@@ -330,7 +330,7 @@ def load_model(
                 "or set HF_HUB_OFFLINE=0 to allow downloads."
             ) from error
         raise ModelResolutionError(f"Could not load {model!r} from {location}: {error}") from error
-    lm.to(resolved_device)
+    lm.to(resolved_device)  # type: ignore[arg-type]  # transformers' stub types `to` for its own wrapper
     lm.eval()
     if source.kind == "hub" and source.revision == "unresolved":
         source = ModelSource(source.model_id, "hub", source.location, _hub_revision(source.location) or "unknown")

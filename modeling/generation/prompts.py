@@ -26,7 +26,7 @@ import re
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 ChatMessage = dict[str, str]
 
@@ -67,7 +67,7 @@ _CONTROL_CHARS_RE = re.compile(r"[\u0000-\u0008\u000b-\u001f\u007f\u200b-\u200f\
 
 
 class ChatTemplateTokenizer(Protocol):
-    def apply_chat_template(self, conversation: list[ChatMessage], **kwargs: object) -> object: ...
+    def apply_chat_template(self, conversation: list[ChatMessage], **kwargs: Any) -> Any: ...
 
 
 @dataclass(frozen=True)

@@ -344,7 +344,7 @@ class TransformersGenerator:
                 inputs = self._prefill_shared_prefix(token_ids) if self.share_prompt_prefix else None
                 if inputs is None:
                     inputs = self._left_padded(token_ids)
-                output = model.generate(**inputs, **generate_kwargs)
+                output = model.generate(**inputs, **generate_kwargs)  # type: ignore[operator]  # typed as a Tensor attribute
             except (RuntimeError, ValueError) as error:
                 raise GenerationError(f"{self.model_id} failed to generate: {error}") from error
             latency_ms = (time.perf_counter() - started) * 1000.0
@@ -358,7 +358,7 @@ class TransformersGenerator:
             completions.append(
                 Completion(
                     # Special tokens are kept so cleaning can cut at a role token the model emitted mid-text.
-                    text=tokenizer.decode(body, skip_special_tokens=False),
+                    text=str(tokenizer.decode(body, skip_special_tokens=False)),
                     prompt_tokens=len(token_ids[row]),
                     completion_tokens=len(tokens) if end is None else end + 1,
                     hit_token_limit=end is None,

@@ -84,7 +84,8 @@ class CrossEncoderRegressor(torch.nn.Module):
     def __init__(self, encoder: torch.nn.Module) -> None:
         super().__init__()
         self.encoder = encoder
-        self.head = torch.nn.Linear(4 * encoder.config.hidden_size, 1)
+        hidden_size = int(encoder.config.hidden_size)  # type: ignore[union-attr,arg-type]  # a transformers model's config
+        self.head = torch.nn.Linear(4 * hidden_size, 1)
         self.cosine_scale = torch.nn.Parameter(torch.zeros(()))
 
     def pooled(
@@ -200,7 +201,7 @@ class CrossEncoderRewardModel:
         directory.mkdir(parents=True, exist_ok=True)
         state = {key: value.detach().cpu().contiguous() for key, value in self.network.state_dict().items()}
         save_file(state, directory / WEIGHTS_FILE)
-        self.network.encoder.config.save_pretrained(directory)
+        self.network.encoder.config.save_pretrained(directory)  # type: ignore[union-attr,operator]  # a transformers config
         self.tokenizer.save_pretrained(directory)
         self.version = _file_sha256(directory / WEIGHTS_FILE)[:16]
         payload = {**asdict(self.config), "version": self.version}
@@ -225,7 +226,7 @@ class CrossEncoderRewardModel:
 
     def logits(self, queries: Sequence[AgreementQuery]) -> torch.Tensor:
         """Raw logits, with gradients when the network is in training mode (used by training.py)."""
-        batch = self.tokenize(queries).to(self.device)
+        batch = self.tokenize(queries).to(self.device)  # type: ignore[attr-defined]  # a BatchEncoding, typed as a dict
         return self.network(**batch)
 
     def predict(self, queries: Sequence[AgreementQuery]) -> list[float]:

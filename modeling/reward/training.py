@@ -294,7 +294,7 @@ def _initialise_head(
     was_training = network.training
     network.eval()
     with torch.no_grad():
-        batch = model.tokenize([row.query for row in sample]).to(model.device)
+        batch = model.tokenize([row.query for row in sample]).to(model.device)  # type: ignore[attr-defined]  # a BatchEncoding
         first, second = network.pooled(**batch)
         mean_cosine = float(torch.nn.functional.cosine_similarity(first, second, dim=-1).mean())
         network.head.weight.zero_()

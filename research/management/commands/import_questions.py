@@ -34,8 +34,8 @@ class Command(BaseCommand):
             report = import_questions(path, split=split, topic=topic, source=source, experiment=target)
         except QuestionFileError as error:
             raise CommandError(f"{path}: {error}") from None
-        for error in report.errors:
-            self.stderr.write(f"{path}: {error}")
+        for row_error in report.errors:
+            self.stderr.write(f"{path}: {row_error}")
         self.stdout.write(f"{path}: {report.summary()}.")
         if target is not None:
             self.stdout.write(f"Attached {len(report.question_ids)} questions to experiment {target.slug!r}.")
