@@ -14,7 +14,7 @@ model is the real similarity model. Rate limits are turned off for the run
 (RATE_LIMIT_*=0), because every simulated participant comes from 127.0.0.1.
 
 Every participant is an aiohttp client with its own cookie jar that does what a
-browser does (deliberation/bots.py is the model): it opens its room's invite link,
+browser does (simulation/bots.py is the model): it opens its room's invite link,
 consents with the CSRF token, opens its websocket, waits until every client's socket
 is open, writes its opinion at a random moment of the opinion window, waits for the
 statements to be pushed, rates each, ranks them, and waits for the end.
