@@ -95,7 +95,7 @@ pytestmark = [
     pytest.mark.celery_worker,
     pytest.mark.skipif(
         not DATABASE_URL.startswith(("postgres://", "postgresql://")),
-        reason="needs a PostgreSQL DATABASE_URL (CI sets it): the processes share only Redis and PostgreSQL",
+        reason="needs a PostgreSQL DATABASE_URL (`make test` starts one): the processes share only Redis and PostgreSQL",
     ),
     pytest.mark.skipif(not os.access(REDIS_SERVER, os.X_OK), reason="needs a redis-server binary to start and restart"),
 ]

@@ -11,7 +11,7 @@ it back on the queue and B runs it again: the round is claimed a second time, co
 and has exactly the arm's candidates, each index once, each shown statement presented once to
 each member.
 
-Needs REDIS_URL and a PostgreSQL DATABASE_URL (CI sets both), like test_multi_process: the
+Needs REDIS_URL and a PostgreSQL DATABASE_URL (`make test` starts both), like test_multi_process: the
 workers use the test database (committed with transaction=True) and a Redis database of
 their own, flushed before and after. Worker logs are printed at teardown, which pytest shows
 when the test fails. Bounds below only stop a stuck run; nothing asserts on speed.
@@ -66,7 +66,7 @@ pytestmark = [
     pytest.mark.celery_worker,
     pytest.mark.skipif(
         not REDIS_URL or not DATABASE_URL.startswith(("postgres://", "postgresql://")),
-        reason="needs REDIS_URL and a PostgreSQL DATABASE_URL (CI sets both): the workers are separate processes",
+        reason="needs REDIS_URL and a PostgreSQL DATABASE_URL (`make test` starts both): the workers are separate processes",
     ),
 ]
 

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 def _postgres_only() -> None:
     if connection.vendor != "postgresql":
-        pytest.skip("needs PostgreSQL (CI sets DATABASE_URL): SQLite has no server connection to drop")
+        pytest.skip("needs PostgreSQL (`make test` starts one): SQLite has no server connection to drop")
 
 
 def _rating_round(group) -> tuple[Round, list[int]]:

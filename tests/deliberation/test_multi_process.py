@@ -6,7 +6,7 @@ member, on either daphne, receives the mediator's progress, the statements and t
 Nothing in one process can reach a socket of another except through the Redis channel
 layer, so this is the same as running them on separate machines.
 
-Needs REDIS_URL and a PostgreSQL DATABASE_URL (CI sets both). The subprocesses use the
+Needs REDIS_URL and a PostgreSQL DATABASE_URL (`make test` starts both). The subprocesses use the
 test database (pytest-django's, committed with transaction=True) and a Redis database
 number of their own, flushed before and after. Their logs are printed at teardown, which
 pytest shows when the test fails.
@@ -60,7 +60,7 @@ pytestmark = [
     pytest.mark.celery_worker,
     pytest.mark.skipif(
         not REDIS_URL or not DATABASE_URL.startswith(("postgres://", "postgresql://")),
-        reason="needs REDIS_URL and a PostgreSQL DATABASE_URL (CI sets both): processes share only Redis and PostgreSQL",
+        reason="needs REDIS_URL and a PostgreSQL DATABASE_URL (`make test` starts both): processes share only Redis and PostgreSQL",
     ),
 ]
 

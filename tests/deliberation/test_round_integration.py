@@ -36,7 +36,7 @@ def topology(request, settings) -> Iterator[str]:
         yield "embedded"
         return
     if not REDIS_URL:
-        pytest.skip("the Celery topology needs REDIS_URL (CI sets it; .ci/run starts Redis)")
+        pytest.skip("the Celery topology needs REDIS_URL (`make test` starts one)")
     from celery.contrib.testing.worker import start_worker
 
     settings.USE_CELERY = True
