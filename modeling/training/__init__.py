@@ -1,0 +1,1 @@
+"""Fine-tuning the generator (framework-free: no Django imports)."""
