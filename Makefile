@@ -95,6 +95,7 @@ reliability:
 bench: setup
 	$(PY) bench/generation.py
 	$(PY) bench/reward.py
+	$(PY) bench/generator_quality.py
 	$(PY) bench/load.py
 	$(PY) bench/load.py --profile paced
 

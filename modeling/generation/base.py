@@ -4,10 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 # Called as on_progress(done, total) while candidates are being written.
 ProgressCallback = Callable[[int, int], None]
+
+# Why sampling of a statement ended: "stop" at an end-of-turn token (or a stop string), "length" at
+# max_new_tokens. The same words as the OpenAI API's finish_reason. A "length" statement was cut by the
+# token budget; cleaning then keeps only its complete sentences, so the text may still read as whole.
+FinishReason = Literal["stop", "length"]
+FINISH_REASONS: tuple[FinishReason, ...] = ("stop", "length")
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,7 @@ class Candidate:
     prompt_tokens: int
     completion_tokens: int
     latency_ms: float
+    finish_reason: FinishReason = "stop"
 
 
 class GenerationError(RuntimeError):

@@ -304,6 +304,7 @@ def build_candidates(
             prompt_tokens=sample.raw.prompt_tokens,
             completion_tokens=sample.raw.completion_tokens,
             latency_ms=sample.raw.latency_ms,
+            finish_reason="length" if sample.raw.hit_token_limit else "stop",
         )
         for sample in samples
     ]
