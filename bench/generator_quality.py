@@ -23,6 +23,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from modeling.generation.base import SamplingParams  # noqa: E402
 from modeling.generation.config import GeneratorConfig, load_generator  # noqa: E402
 from modeling.generation.models import DEFAULT_MODEL_ALIAS, default_cache_dir  # noqa: E402
-from modeling.generator_quality import DEFAULT_N, SHOWN_K, evaluate_run, load_adapter_generator  # noqa: E402
+from modeling.generator_quality import DEFAULT_N, SHOWN_K, evaluate_run  # noqa: E402
 from modeling.reward.registry import get_reward_model  # noqa: E402
 from modeling.training.consensus_data import dataset_sha256, load_groups  # noqa: E402
 
@@ -70,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     plan: list[tuple[str, Path | None]] = [("base", None)] + ([("adapter", args.adapter)] if args.adapter else [])
     for label, adapter in plan:
         loading = time.perf_counter()
-        generator = load_adapter_generator(config, adapter) if adapter else load_generator(config)
+        # An adapter is verified against the sha256 its training recorded, merged into the base and cached.
+        generator = load_generator(replace(config, adapter=str(adapter)) if adapter else config)
         load_seconds = time.perf_counter() - loading
         run = evaluate_run(groups, generator=generator, reward_model=reward_model, n=args.n, shown_k=SHOWN_K,
                            seed=args.seed, sampling=sampling, label=label, on_progress=progress)

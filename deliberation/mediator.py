@@ -1,25 +1,32 @@
-"""Which generator and reward model a room's arm mediates with, read from the arm and the site settings.
+"""Which generator and reward model an arm mediates with, read from the arm and the site settings.
 
-Both the mediation task and the `generate_candidates` command build their generator through
-`generator_config`, so a backend's options (the openai backend's server, say) are set in one place.
+Both the mediation task and the commands build their generator through `generator_config`, so a
+backend's options (the openai backend's server, say) and a generator version's adapter are set in one
+place. An arm's GeneratorVersion is loaded by the transformers backend as its adapter (verified by
+sha256, merged at load and cached); the openai backend asks its server for the version's name (the
+served model name: serve the adapter, or merged weights, under that name).
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 
+from modeling.adapters import SHIPPED
 from modeling.generation.config import GeneratorConfig, load_generator
 
-from .models import Arm
+from .models import Arm, GeneratorVersion
 
 if TYPE_CHECKING:
     from modeling.generation.base import Generator
     from modeling.reward.base import RewardModel
 
 
-def generator_config(*, backend: str = "", model: str = "") -> GeneratorConfig:
+def generator_config(*, backend: str = "", model: str = "", adapter: str = "", adapter_sha256: str = "") -> GeneratorConfig:
     """The site's generator configuration, with `backend` and `model` overriding the defaults when given."""
     return GeneratorConfig(
         backend=backend or settings.CONCORD_GENERATOR_BACKEND,
@@ -28,10 +35,80 @@ def generator_config(*, backend: str = "", model: str = "") -> GeneratorConfig:
         cache_dir=settings.CONCORD_MODEL_STORE / "hf-cache",
         openai_base_url=settings.CONCORD_OPENAI_BASE_URL,
         openai_api_key=settings.CONCORD_OPENAI_API_KEY,
+        adapter=adapter,
+        adapter_sha256=adapter_sha256,
     )
 
 
+def version_config(version: GeneratorVersion, *, backend: str = "", served_name: str = "") -> GeneratorConfig:
+    """How to generate with `version`: its adapter over its base (transformers), or its served name (openai)."""
+    backend = backend or settings.CONCORD_GENERATOR_BACKEND
+    if backend == "openai":
+        return generator_config(backend=backend, model=served_name or version.name)
+    if backend != "transformers":
+        raise ImproperlyConfigured(
+            f"Generator version {version.name!r} is an adapter; the {backend} backend cannot load it here. "
+            "Use the transformers backend, or serve the merged weights and use the openai backend."
+        )
+    return generator_config(backend=backend, model=version.base_model, adapter=version.path, adapter_sha256=version.sha256)
+
+
+def default_generator_version() -> GeneratorVersion | None:
+    """The version the site generates with when an arm names none (CONCORD_GENERATOR_ADAPTER).
+
+    A shipped or local adapter is registered as a GeneratorVersion on first use (from its training
+    record), so the candidates it writes cite it like any trained version.
+    """
+    choice = settings.CONCORD_GENERATOR_ADAPTER.strip()
+    if choice in ("", "none"):
+        return None
+    if choice == "shipped":
+        shipped = SHIPPED.get(settings.CONCORD_GENERATOR_MODEL) or next(iter(SHIPPED.values()), None)
+        if shipped is None:
+            raise ImproperlyConfigured("CONCORD_GENERATOR_ADAPTER=shipped, but this checkout ships no adapter (modeling/adapters/).")
+        name, path, sha256, base = shipped.name, shipped.path, shipped.sha256, shipped.base_model
+    else:
+        path = Path(choice).expanduser().resolve()
+        manifest_path = path / "concord-adapter.json"
+        if not manifest_path.is_file():
+            raise ImproperlyConfigured(f"CONCORD_GENERATOR_ADAPTER={choice!r}: no concord-adapter.json in {path}.")
+        manifest = json.loads(manifest_path.read_text())
+        name, sha256, base = f"local-{manifest['adapter_sha256'][:12]}", manifest["adapter_sha256"], manifest["base_model"]
+    record = _training_record(path)
+    version, _ = GeneratorVersion.objects.get_or_create(
+        sha256=sha256,
+        path=str(path),
+        defaults={
+            "name": name,
+            "base_model": base,
+            "base_model_sha256": record.get("base_model_sha256") or "",
+            "method": GeneratorVersion.Method.LORA,
+            "dataset_sha256": record.get("dataset_sha256", ""),
+            "params": record.get("hyperparameters", {}),
+            "metrics": {key: record[key] for key in ("loss_before", "loss_after", "train_rows", "seconds") if key in record},
+        },
+    )
+    return version
+
+
+def _training_record(path: Path) -> dict:
+    manifest = path / "concord-adapter.json"
+    return json.loads(manifest.read_text()) if manifest.is_file() else {}
+
+
+def generator_version_for(arm: Arm | None) -> GeneratorVersion | None:
+    """The version an arm generates with: its own, else (when it names no other model) the site's default."""
+    if arm is not None and arm.generator_version_id:
+        return arm.generator_version
+    if arm is not None and (arm.generator_model or (arm.generator_backend and arm.generator_backend != "transformers")):
+        return None  # the arm chose another model or backend: the site's adapter is not for it
+    return default_generator_version()
+
+
 def generator_config_for(arm: Arm | None) -> GeneratorConfig:
+    version = generator_version_for(arm)
+    if version is not None:
+        return version_config(version, backend=arm.generator_backend if arm else "", served_name=arm.generator_model if arm else "")
     if arm is None:
         return generator_config()
     return generator_config(backend=arm.generator_backend, model=arm.generator_model)

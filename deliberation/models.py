@@ -90,6 +90,37 @@ class RewardModelVersion(models.Model):
         return f"{self.kind} v{self.pk}"
 
 
+class GeneratorVersion(models.Model):
+    """A registered set of generator weights: a fine-tuned adapter (or full weights) over a base model,
+    what it was trained on, and from which parent. Arms name one; every candidate records the one that wrote it.
+
+    Registered by `train_generator` only when training succeeded (and, for the adapter shipped in the
+    repository, by deliberation.mediator on first use, from the adapter's provenance record).
+    """
+
+    class Method(models.TextChoices):
+        LORA = "lora", "LoRA adapter"
+        FULL = "full", "Full fine-tuning"
+
+    name = models.SlugField(max_length=100, unique=True, help_text="Also the served model name for the openai backend.")
+    base_model = models.CharField(max_length=300, help_text="The base model as the generator resolves it (alias, hub id or path).")
+    base_model_sha256 = models.CharField(max_length=64, blank=True)
+    method = models.CharField(max_length=10, choices=Method.choices, default=Method.LORA)
+    path = models.CharField(max_length=500, help_text="Directory of the adapter (or weights).")
+    sha256 = models.CharField(max_length=64, help_text="Digest of the adapter's files, checked before every load.")
+    dataset_sha256 = models.CharField(max_length=64, blank=True)
+    params = models.JSONField(default=dict, blank=True)
+    metrics = models.JSONField(default=dict, blank=True)
+    parent = models.ForeignKey("self", null=True, blank=True, on_delete=models.PROTECT, related_name="children")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
 class Experiment(models.Model):
     class Status(models.TextChoices):
         ACTIVE = "active", "Active"
@@ -161,6 +192,11 @@ class Arm(models.Model):
     name = models.CharField(max_length=80)
     generator_backend = models.CharField(max_length=40, blank=True, choices=generator_backend_choices, help_text="Blank: the site default.")
     generator_model = models.CharField(max_length=300, blank=True, help_text="Blank: the site default.")
+    generator_version = models.ForeignKey(
+        GeneratorVersion, null=True, blank=True, on_delete=models.PROTECT, related_name="arms",
+        help_text="Fine-tuned weights to generate with (transformers: adapter merged at load; openai: the version's name "
+        "is the served model name). Blank: the site default.",
+    )
     reward_model = models.CharField(max_length=40, blank=True, choices=reward_model_choices, help_text="Blank: the site default.")
     reward_model_version = models.ForeignKey(RewardModelVersion, null=True, blank=True, on_delete=models.PROTECT)
     welfare_method = models.CharField(max_length=20, choices=welfare_method_choices, default="utilitarian")
@@ -441,6 +477,10 @@ class Candidate(models.Model):
     # The arm whose configuration wrote and ranked it: the room's arm, or in a head-to-head round
     # possibly the compared arm. Rank and shown are within this source.
     source_arm = models.ForeignKey(Arm, null=True, blank=True, on_delete=models.PROTECT, related_name="sourced_candidates")
+    # The fine-tuned weights that wrote it (null: an untuned base model or a backend without versions).
+    generator_version = models.ForeignKey(
+        GeneratorVersion, null=True, blank=True, on_delete=models.PROTECT, related_name="candidates"
+    )
 
     class Meta:
         ordering = ["round_id", "index"]

@@ -17,7 +17,7 @@ from modeling.pipeline import PipelineStage, mediate
 
 from . import services
 from .dispatch import TaskName
-from .mediator import load_models
+from .mediator import generator_version_for, load_models
 from .models import MAX_MEDIATION_ATTEMPTS, Arm
 from .recovery import heartbeat
 
@@ -40,7 +40,10 @@ def mediate_round(self, round_id: int) -> str:
     mediation = services.mediation_claim(round_id=round_id)
     if mediation is None:
         return "nothing to do"
-    arms = {arm.pk: arm for arm in Arm.objects.select_related("reward_model_version").filter(pk__in=mediation.source_arm_ids)}
+    arms = {
+        arm.pk: arm
+        for arm in Arm.objects.select_related("reward_model_version", "generator_version").filter(pk__in=mediation.source_arm_ids)
+    }
     sources = [arms[arm_id] for arm_id in mediation.source_arm_ids]
     total = sum(arm.n_candidates for arm in sources)
     # When the last progress event went out, and for which (stage, done): a repeat is not sent.
@@ -64,6 +67,7 @@ def mediate_round(self, round_id: int) -> str:
         with heartbeat(round_id=round_id):
             for arm in sources:
                 generator, reward_model = load_models(arm=arm)
+                version = generator_version_for(arm)
                 result = mediate(
                     question=mediation.question,
                     opinions=mediation.opinions,
@@ -77,7 +81,9 @@ def mediate_round(self, round_id: int) -> str:
                     sampling=SamplingParams(max_new_tokens=settings.CONCORD_MAX_NEW_TOKENS),
                     on_stage=on_stage,
                 )
-                results.append(services.SourcedResult(arm_id=arm.pk, result=result))
+                results.append(
+                    services.SourcedResult(arm_id=arm.pk, result=result, generator_version_id=version.pk if version else None)
+                )
                 offset += arm.n_candidates
     except SoftTimeLimitExceeded:
         services.mediation_fail(round_id=round_id, error="mediation ran past its time limit", final=True)

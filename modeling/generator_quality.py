@@ -14,17 +14,13 @@ A tuned LoRA adapter is evaluated with `load_adapter_generator`, a stop-gap unti
 
 from __future__ import annotations
 
-import hashlib
 import statistics
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 from .generation.base import GenerationError, Generator, SamplingParams
-from .generation.config import GeneratorConfig
 from .generation.prompts import derive_seed
 from .generation.quality import REASONS, assess, injection_payloads
 from .pipeline import mediate
@@ -159,36 +155,3 @@ def summarise(
 
 def _rate(part: int, whole: int) -> float | None:
     return round(part / whole, 4) if whole else None
-
-
-def adapter_fingerprint(adapter_dir: Path) -> str:
-    """sha256 over the adapter directory's files (names and contents), to name exactly what was evaluated."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in adapter_dir.rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(adapter_dir)).encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
-def load_adapter_generator(config: GeneratorConfig, adapter_dir: Path) -> Generator:
-    """The base generator of `config` (transformers only) with a PEFT/LoRA adapter merged in.
-
-    Built outside the registry's cache: merging changes the weights, and the cached base generator must
-    stay the base. model_id and model_revision name the adapter, so results say what was evaluated.
-    """
-    from peft import PeftModel
-
-    from .generation.transformers_backend import TransformersGenerator
-
-    if config.backend != TransformersGenerator.backend:
-        raise GenerationError(f"an adapter needs the transformers backend, not {config.backend!r}")
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise GenerationError(f"{adapter_dir} is not a PEFT adapter directory (no adapter_config.json)")
-    generator = TransformersGenerator(config.model, device=config.device, cache_dir=config.cache_dir)
-    loaded = generator._loaded
-    merged = PeftModel.from_pretrained(loaded.model, str(adapter_dir)).merge_and_unload()
-    merged.eval()
-    generator._loaded = replace(loaded, model=merged)
-    generator.model_id = f"{generator.model_id}+{adapter_dir.name}"
-    generator.model_revision = f"{generator.model_revision}+adapter-sha256:{adapter_fingerprint(adapter_dir)[:16]}"
-    return generator

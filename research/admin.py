@@ -8,7 +8,7 @@ from django.urls import reverse
 from django.utils.html import format_html
 
 from accounts.permissions import OwnedByResearcherAdmin
-from deliberation.models import AllowedExternalId, Arm, Experiment, Question, RewardModelVersion
+from deliberation.models import AllowedExternalId, Arm, Experiment, GeneratorVersion, Question, RewardModelVersion
 
 from . import services
 from .models import DatasetExport
@@ -118,6 +118,27 @@ class ArmAdmin(OwnedByResearcherAdmin):
 @admin.register(RewardModelVersion)
 class RewardModelVersionAdmin(admin.ModelAdmin):
     list_display = ["id", "kind", "base_model", "dataset_sha256", "created_at"]
+
+
+@admin.register(GeneratorVersion)
+class GeneratorVersionAdmin(admin.ModelAdmin):
+    """Generator versions are registered by train_generator; the admin shows their lineage and what used them."""
+
+    list_display = ["name", "method", "base_model", "parent", "short_sha256", "loss_after", "created_at"]
+    list_filter = ["method"]
+    search_fields = ["name", "base_model", "sha256", "dataset_sha256"]
+    readonly_fields = [f.name for f in GeneratorVersion._meta.fields]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    @admin.display(description="sha256")
+    def short_sha256(self, version: GeneratorVersion) -> str:
+        return version.sha256[:12]
+
+    @admin.display(description="Held-out loss after")
+    def loss_after(self, version: GeneratorVersion) -> object:
+        return version.metrics.get("loss_after", "–")
 
 
 @admin.register(DatasetExport)

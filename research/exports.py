@@ -322,6 +322,7 @@ def _candidate_rows(ctx: ExportContext) -> Iterator[tuple[Any, ...]]:
         _candidates(ctx), ctx,
         "pk", "round_id", "index", "source_arm_id", "text", "backend", "model_id", "model_revision", "seed", "opinion_order",
         "prompt", "prompt_tokens", "completion_tokens", "latency_ms", "welfare", "welfare_method", "rank", "shown", "created_at",
+        "generator_version__name", "generator_version__sha256",
     ):
         yield (*row[:9], _json([ctx.pseudonym(pid) for pid in row[9]]), *row[10:])
 
@@ -349,6 +350,8 @@ CANDIDATES = Table(
         Column("rank", "integer", "Rank under that welfare function within its source arm (1: best)."),
         Column("shown", "boolean", "Whether it was among the statements shown to participants."),
         Column("created_at", "datetime", "When it was stored, UTC."),
+        Column("generator_version", "string", "Fine-tuned generator version that wrote it (blank: an untuned base model)."),
+        Column("generator_version_sha256", "string", "sha256 of that version's adapter files, checked before it was loaded."),
     ],
     rows=_candidate_rows,
     count=lambda ctx: _candidates(ctx).count(),

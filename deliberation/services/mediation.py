@@ -115,6 +115,8 @@ class SourcedResult:
 
     arm_id: int
     result: MediationResult
+    # The fine-tuned generator version that wrote the candidates (None: an untuned base model).
+    generator_version_id: int | None = None
 
 
 def _shown_per_source(*, k_shown: int, sources: int) -> list[int]:
@@ -165,6 +167,7 @@ def candidates_store(*, mediation: MediationInput, results: Sequence[SourcedResu
                         rank=rank_of.get(local_index),
                         shown=local_index in shown_indices,
                         source_arm=arm,
+                        generator_version_id=sourced.generator_version_id,
                     )
                 )
             PredictedAgreement.objects.bulk_create(

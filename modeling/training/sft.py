@@ -112,7 +112,7 @@ def load_groups(paths: Iterable[str | Path]) -> list[ConsensusGroup]:
 
 
 def build_sft_examples(
-    groups: Sequence[ConsensusGroup | Mapping[str, Any]], *, seed: int, shuffles_per_group: int = 1
+    groups: Sequence[Any], *, seed: int, shuffles_per_group: int = 1
 ) -> list[SFTExample]:
     """`shuffles_per_group` examples per group, each in the opinion order the generator would use
     for sample index 0, 1, ... of a request seeded with derive_seed(seed, group)."""
@@ -120,7 +120,8 @@ def build_sft_examples(
         raise ValueError("shuffles_per_group must be at least 1")
     examples = []
     for index, raw in enumerate(groups):
-        group = raw if isinstance(raw, ConsensusGroup) else group_from_mapping(raw, f"group {index}")
+        # A mapping (a JSON line), or any group object with these fields (consensus_data.ConsensusGroup too).
+        group = group_from_mapping(raw, f"group {index}") if isinstance(raw, Mapping) else raw
         group_seed = derive_seed("sft", seed, group.group_id, index)
         for sample_index in range(shuffles_per_group):
             order = tuple(opinion_order(group_seed, sample_index, len(group.opinions)))
@@ -223,7 +224,7 @@ def _batches(rows: list[TokenizedExample], batch_size: int, rng: random.Random) 
     order = rows[:]
     rng.shuffle(order)
     window = batch_size * 16
-    batches = []
+    batches: list[list[TokenizedExample]] = []
     for start in range(0, len(order), window):
         chunk = sorted(order[start : start + window], key=lambda row: len(row.input_ids))
         batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
@@ -349,7 +350,8 @@ def train_sft(
         raise ValueError("no training example fits in max_seq_len")
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32)
+    # Any: transformers' and peft's stubs type the model, its wrapper and `to` inconsistently.
+    model: Any = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32)
     model.to(resolved_device)
     if lora:
         from peft import LoraConfig, get_peft_model

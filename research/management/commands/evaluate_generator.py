@@ -8,7 +8,7 @@ For each group: N candidates from the site's generator (or --model / --adapter),
 (member, candidate) by the site's reward model, ranked by utilitarian welfare, the top 4 marked
 shown, and every candidate checked by modeling.generation.quality (the core:
 modeling/generator_quality.py). Writes JSON (stdout without --out); progress goes to stderr.
-No database is touched.
+The database is only read, for --version.
 """
 
 from __future__ import annotations
@@ -22,9 +22,12 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from deliberation import mediator
+from deliberation.models import GeneratorVersion
 from modeling.generation.base import GenerationError, SamplingParams
+from modeling.generation.config import GeneratorConfig
+from modeling.generation.models import ModelResolutionError
 from modeling.generation.registry import BACKENDS
-from modeling.generator_quality import DEFAULT_N, SHOWN_K, evaluate_run, load_adapter_generator
+from modeling.generator_quality import DEFAULT_N, SHOWN_K, evaluate_run
 from modeling.training.consensus_data import DatasetError, dataset_sha256, load_groups
 
 
@@ -32,8 +35,8 @@ class Command(BaseCommand):
     help = (
         "Generate N candidates per group of an evaluation file, rank them with the reward model and "
         "report how many are usable (group voice, on topic, every member, no meta-talk, complete, no "
-        "repetition, no injected payload). --version is not wired yet (generator versions live on "
-        "another branch); until then evaluate a tuned model with --adapter DIR."
+        "repetition, no injected payload). --version V evaluates a registered generator version; --adapter DIR "
+        "an adapter directory; --compare-base adds the untuned base on the same seeds."
     )
     requires_system_checks: tuple[str, ...] = ()
     requires_migrations_checks = False
@@ -48,7 +51,7 @@ class Command(BaseCommand):
         which.add_argument(
             "--version",
             default=None,
-            help="A GeneratorVersion to evaluate. NOT WIRED YET on this branch: use --model and --adapter.",
+            help="A registered GeneratorVersion (its name) to evaluate.",
         )
         which.add_argument("--model", default=None, help="Model alias, hub id or path (default CONCORD_GENERATOR_MODEL).")
         parser.add_argument("--backend", default=None, help="Generation backend (default CONCORD_GENERATOR_BACKEND).")
@@ -65,10 +68,11 @@ class Command(BaseCommand):
         parser.add_argument("--out", type=Path, default=None, help="Write the JSON here (default: stdout).")
 
     def handle(self, *args: Any, **options: Any) -> None:
+        version = None
         if options["version"]:
-            raise CommandError(
-                "--version is not wired on this branch yet (GeneratorVersion); pass --model and --adapter DIR instead."
-            )
+            version = GeneratorVersion.objects.filter(name=options["version"]).first()
+            if version is None:
+                raise CommandError(f"No generator version named {options['version']!r}.")
         n: int = options["n"]
         max_new_tokens: int = options["max_new_tokens"] or settings.CONCORD_MAX_NEW_TOKENS
         backend: str = options["backend"] or settings.CONCORD_GENERATOR_BACKEND
@@ -81,8 +85,8 @@ class Command(BaseCommand):
             raise CommandError(f"--groups must be at least 1 (got {options['groups']}).")
         if backend not in BACKENDS:
             raise CommandError(f"Unknown backend {backend!r}; choose one of: {', '.join(sorted(BACKENDS))}.")
-        if options["compare_base"] and adapter is None:
-            raise CommandError("--compare-base compares a tuned adapter with its base: give --adapter DIR.")
+        if options["compare_base"] and adapter is None and version is None:
+            raise CommandError("--compare-base compares a tuned model with its base: give --version V or --adapter DIR.")
         if adapter is not None and not (adapter / "adapter_config.json").is_file():
             raise CommandError(f"{adapter} is not a PEFT adapter directory (no adapter_config.json).")
 
@@ -102,29 +106,35 @@ class Command(BaseCommand):
             sys.stderr.write(message + "\n")
             sys.stderr.flush()
 
-        config = mediator.generator_config(backend=backend, model=options["model"] or "")
+        base = mediator.generator_config(backend=backend, model=(version.base_model if version else options["model"]) or "")
+        if version is not None:
+            tuned = mediator.version_config(version, backend=backend)
+        elif adapter is not None:
+            tuned = mediator.generator_config(backend=backend, model=base.model, adapter=str(adapter))
+        else:
+            tuned = None
         sampling = SamplingParams(max_new_tokens=max_new_tokens)
         runs = []
         try:
             reward_model = mediator.reward_model_for(None)
-            plan: list[tuple[str, Path | None]] = []
-            if adapter is None or options["compare_base"]:
-                plan.append(("base", None))
-            if adapter is not None:
-                plan.append(("adapter", adapter))
-            for label, adapter_dir in plan:
-                progress(f"[{label}] loading {config.backend}:{config.model}" + (f" + {adapter_dir}" if adapter_dir else ""))
+            plan: list[tuple[str, GeneratorConfig]] = []
+            if tuned is None or options["compare_base"]:
+                plan.append(("base", base))
+            if tuned is not None:
+                plan.append((version.name if version else "adapter", tuned))
+            for label, config in plan:
+                progress(f"[{label}] loading {config.backend}:{config.model}" + (f" + {config.adapter}" if config.adapter else ""))
                 # Through mediator.load_generator, as rooms load theirs (tests swap in the stand-in there).
-                generator = load_adapter_generator(config, adapter_dir) if adapter_dir else mediator.load_generator(config)
+                generator = mediator.load_generator(config)
                 run = evaluate_run(
                     groups, generator=generator, reward_model=reward_model, n=n, shown_k=SHOWN_K,
                     seed=options["seed"], sampling=sampling, label=label, on_progress=progress,
                 )
-                if adapter_dir is not None:
-                    run["adapter"] = str(adapter_dir)
+                if config.adapter:
+                    run["adapter"] = config.adapter
                 runs.append(run)
                 progress(f"[{label}] {json.dumps(_headline(run['summary']))}")
-        except GenerationError as error:
+        except (GenerationError, ModelResolutionError) as error:
             raise CommandError(str(error)) from error
 
         report = {

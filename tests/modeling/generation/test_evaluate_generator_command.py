@@ -25,6 +25,10 @@ CANDIDATE_FIELDS = {
 }
 
 
+# --version reads the registered generator versions.
+pytestmark = pytest.mark.django_db
+
+
 def _run(*arguments: str) -> tuple[dict, str]:
     out, err = StringIO(), StringIO()
     call_command("evaluate_generator", *arguments, stdout=out, stderr=err)
@@ -108,8 +112,8 @@ def test_a_missing_file_is_a_clear_error(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
-        (["--version", "3"], "--version is not wired"),
-        (["--compare-base"], "--compare-base compares a tuned adapter"),
+        (["--version", "no-such-version"], "No generator version named"),
+        (["--compare-base"], "--compare-base compares a tuned model"),
         (["--adapter", "/nonexistent"], "not a PEFT adapter directory"),
         (["--n", "0"], "--n must be at least 1"),
         (["--groups", "0"], "--groups must be at least 1"),
@@ -146,12 +150,14 @@ def test_an_adapter_against_its_base(
 ) -> None:
     from peft import LoraConfig, get_peft_model
 
-    from modeling.generation.models import load_model
+    from modeling.generation.models import ADAPTER_MANIFEST, adapter_digest, load_model
 
     # A freshly initialised LoRA adapter (B = 0: the merged model equals the base), saved as training would.
     fresh = load_model(DEFAULT_MODEL_ALIAS, device="cpu", cache_dir=model_store / "hf-cache").model
     adapter = tmp_path / "lora-test"
     get_peft_model(fresh, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(str(adapter))
+    # As training would: its record of the adapter's sha256, which loading checks.
+    (adapter / ADAPTER_MANIFEST).write_text(json.dumps({"adapter_sha256": adapter_digest(adapter)[0]}))
     settings.CONCORD_GENERATOR_BACKEND = "transformers"
     settings.CONCORD_GENERATOR_MODEL = DEFAULT_MODEL_ALIAS
     settings.CONCORD_DEVICE = "cpu"
@@ -160,8 +166,7 @@ def test_an_adapter_against_its_base(
                        "--adapter", str(adapter), "--compare-base")
     base, tuned = report["runs"]
     assert (base["label"], tuned["label"]) == ("base", "adapter") and tuned["adapter"] == str(adapter)
-    assert tuned["generator"]["model"] == f"{DEFAULT_MODEL_ALIAS}+lora-test"
-    assert "+adapter-sha256:" in tuned["generator"]["revision"]
+    assert tuned["generator"]["model"].startswith(f"{DEFAULT_MODEL_ALIAS}+adapter-sha256:")
     # Same per-group seed and an identity adapter: the same statement.
     assert tuned["candidates"][0]["text"] == base["candidates"][0]["text"]
     # The cached base generator was left untouched.
