@@ -189,10 +189,13 @@ def _after_action(request: HtmxHttpRequest, participant: Participant) -> HttpRes
 # --- The room monitor (researchers) -------------------------------------------------
 
 
-def _monitored_room(request: HtmxHttpRequest, room_id: int) -> Room:
+def _monitored_room(request: HtmxHttpRequest, room_id: int, *, change: bool = False) -> Room:
     room = get_object_or_404(Room.objects.select_related("experiment"), pk=room_id)
     if not permissions.can_monitor(request.user, room):
-        raise PermissionDenied("You can only monitor your own experiments.")
+        # Another researcher's room does not exist, as far as this researcher can tell (as a missing one).
+        raise Http404("No such room.")
+    if change and not permissions.can_change_experiment(request.user, room.experiment):
+        raise PermissionDenied("Only the owner or an editor may change this experiment's rooms.")
     return room
 
 
@@ -206,7 +209,7 @@ def room_monitor(request: HtmxHttpRequest, room_id: int) -> HttpResponse:
 @login_required
 @require_POST
 def room_start(request: HtmxHttpRequest, room_id: int) -> HttpResponse:
-    room = _monitored_room(request, room_id)
+    room = _monitored_room(request, room_id, change=True)
     try:
         services.round_start(room=room)
     except services.ServiceError as error:

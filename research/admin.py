@@ -7,7 +7,9 @@ from django.contrib import admin, messages
 from django.urls import reverse
 from django.utils.html import format_html
 
-from accounts.permissions import OwnedByResearcherAdmin
+from accounts import permissions
+from accounts.models import Collaboration
+from accounts.permissions import ExperimentChoicesMixin, OwnedByResearcherAdmin
 from deliberation.models import AllowedExternalId, Arm, Experiment, GeneratorVersion, Question, RewardModelVersion
 
 from . import services
@@ -21,12 +23,21 @@ class QuestionAdmin(admin.ModelAdmin):
     search_fields = ["external_id", "text", "topic"]
 
 
-class ArmInline(admin.TabularInline):
+class ArmInline(ExperimentChoicesMixin, admin.TabularInline):
     model = Arm
     extra = 0
 
 
-class AllowListInline(admin.TabularInline):
+class CollaborationInline(ExperimentChoicesMixin, admin.TabularInline):
+    """Researchers who share this experiment: viewers see it, editors may also change and export it."""
+
+    model = Collaboration
+    extra = 0
+    fields = ["user", "role", "created_at"]
+    readonly_fields = ["created_at"]
+
+
+class AllowListInline(ExperimentChoicesMixin, admin.TabularInline):
     model = AllowedExternalId
     extra = 0
     fields = ["external_id", "created_at"]
@@ -35,7 +46,7 @@ class AllowListInline(admin.TabularInline):
 
 def _export_action(fmt: str):
     def action(modeladmin, request, queryset):
-        for experiment in queryset:
+        for experiment in queryset.filter(permissions.experiment_filter(request.user, change=True)):
             try:
                 export = services.dataset_export_request(experiment=experiment, requested_by=request.user, via="admin", format=fmt)
             except services.ServiceError as error:
@@ -69,7 +80,7 @@ class ExperimentAdmin(OwnedByResearcherAdmin):
     search_fields = ["name", "slug"]
     prepopulated_fields = {"slug": ["name"]}
     filter_horizontal = ["questions"]
-    inlines = [ArmInline, AllowListInline]
+    inlines = [ArmInline, AllowListInline, CollaborationInline]
     actions = [_export_action("csv"), _export_action("jsonl"), _export_action("parquet"), "pause", "resume"]
     fieldsets = [
         (None, {"fields": ["name", "slug", "owner", "status", "description", "consent_text"]}),
@@ -97,17 +108,19 @@ class ExperimentAdmin(OwnedByResearcherAdmin):
 
     @admin.action(description="Pause (nobody new can join)")
     def pause(self, request, queryset):
-        for experiment in queryset:
+        for experiment in queryset.filter(permissions.experiment_filter(request.user, change=True)):
             services.experiment_pause(experiment=experiment, paused=True)
 
     @admin.action(description="Resume")
     def resume(self, request, queryset):
-        for experiment in queryset:
+        for experiment in queryset.filter(permissions.experiment_filter(request.user, change=True)):
             services.experiment_pause(experiment=experiment, paused=False)
 
-    def get_queryset(self, request):
-        queryset = admin.ModelAdmin.get_queryset(self, request)
-        return queryset if request.user.is_superuser else queryset.filter(owner=request.user)
+    def formfield_for_foreignkey(self, db_field, request, **kwargs):
+        # A researcher owns what they create; only a superuser gives an experiment to someone else.
+        if db_field.name == "owner" and not request.user.is_superuser:
+            kwargs["queryset"] = db_field.related_model._default_manager.filter(pk=request.user.pk)
+        return super().formfield_for_foreignkey(db_field, request, **kwargs)
 
 
 @admin.register(Arm)

@@ -1,18 +1,21 @@
 """The researcher pages: experiments, the live cohort, analytics and dataset exports.
 
 Every page asks accounts.permissions which experiments the researcher may see; another
-researcher's experiment answers 404, as if it did not exist.
+researcher's experiment answers 404, as if it did not exist. Changes (pause, resume, export
+requests) and downloads of exports with external ids need the owner or an editor: a viewer gets 403.
 """
 
 from __future__ import annotations
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
 from django.http import FileResponse, Http404, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
+from accounts import permissions
 from deliberation.http import HtmxHttpRequest
 from deliberation.models import Experiment
 
@@ -40,9 +43,12 @@ def experiment_detail(request: HtmxHttpRequest, slug: str) -> HttpResponse:
     )
 
 
-def _own_experiment(request: HtmxHttpRequest, slug: str) -> Experiment:
+def _own_experiment(request: HtmxHttpRequest, slug: str, *, change: bool = False) -> Experiment:
     # Another researcher's experiment does not exist, as far as this researcher can tell.
-    return get_object_or_404(selectors.experiments_for(request.user), slug=slug)
+    experiment = get_object_or_404(selectors.experiments_for(request.user), slug=slug)
+    if change and not permissions.can_change_experiment(request.user, experiment):
+        raise PermissionDenied("Only the owner or an editor may change this experiment.")
+    return experiment
 
 
 @login_required
@@ -56,7 +62,7 @@ def cohort_monitor(request: HtmxHttpRequest, slug: str) -> HttpResponse:
 @login_required
 @require_POST
 def experiment_pause(request: HtmxHttpRequest, slug: str) -> HttpResponse:
-    experiment = _own_experiment(request, slug)
+    experiment = _own_experiment(request, slug, change=True)
     paused = request.POST.get("action") == "pause"
     services.experiment_pause(experiment=experiment, paused=paused)
     messages.success(request, "The study is paused: nobody new can join." if paused else "The study is accepting participants again.")
@@ -87,7 +93,7 @@ def analytics_csv(request: HtmxHttpRequest, slug: str) -> HttpResponse:
 @login_required
 @require_http_methods(["GET", "POST"])
 def exports_page(request: HtmxHttpRequest, slug: str) -> HttpResponse:
-    experiment = _own_experiment(request, slug)
+    experiment = _own_experiment(request, slug, change=request.method == "POST")
     if request.method == "POST":
         try:
             services.dataset_export_request(
@@ -110,6 +116,8 @@ def export_download(request: HtmxHttpRequest, export_id: int) -> FileResponse:
     export = selectors.export_visible_to(request.user, export_id)
     if export is None:
         raise Http404("No such export.")
+    if export.include_external_ids and not permissions.can_export_external_ids(request.user, export.experiment):
+        raise PermissionDenied("Exports with external ids are for the owner and editors of the experiment.")
     path = export_for(export)
     if path is None:
         raise Http404("This export has no file (yet, or any more).")

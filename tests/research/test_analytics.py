@@ -132,11 +132,14 @@ def test_every_estimate_has_its_bootstrap_interval_and_the_csv_matches_the_page(
     assert client.get("/researcher/experiments/analysed/analytics.csv").content == response.content
 
 
-def test_only_the_owner_or_staff_see_the_analytics(client, study, outsider_researcher) -> None:
+def test_only_the_owner_or_a_superuser_see_the_analytics(client, study, outsider_researcher) -> None:
     client.force_login(outsider_researcher)
     assert client.get("/researcher/experiments/analysed/analytics/").status_code == 404
     assert client.get("/researcher/experiments/analysed/analytics.csv").status_code == 404
-    outsider_researcher.is_staff = True
+    outsider_researcher.is_staff = True  # staff alone is not enough
+    outsider_researcher.save()
+    assert client.get("/researcher/experiments/analysed/analytics/").status_code == 404
+    outsider_researcher.is_superuser = True
     outsider_researcher.save()
     assert client.get("/researcher/experiments/analysed/analytics/").status_code == 200
 

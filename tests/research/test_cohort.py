@@ -338,6 +338,7 @@ def test_the_admin_adds_pasted_external_ids_to_the_allow_list(client, cohort_exp
         "owner": researcher.pk, "status": "active", "questions": list(cohort_experiment.questions.values_list("pk", flat=True)),
         "require_allow_list": "on", "add_allowed_external_ids": "PID-A\nPID-B, PID-C\n\nPID-A",
         "arms-TOTAL_FORMS": "0", "arms-INITIAL_FORMS": "0", "allowed_external_ids-TOTAL_FORMS": "0", "allowed_external_ids-INITIAL_FORMS": "0",
+        "collaborations-TOTAL_FORMS": "0", "collaborations-INITIAL_FORMS": "0",
     })
     for arm in cohort_experiment.arms.all():
         data["arms-TOTAL_FORMS"] = data["arms-INITIAL_FORMS"] = "1"
