@@ -298,6 +298,18 @@ class Participant(models.Model):
         digest = salted_hmac(f"concord.participant.{purpose}", self.code).hexdigest()
         return f"{prefix}{digest[:8].upper()}"
 
+    def completion_status(self, *, released: bool, round_done: bool) -> str:
+        """What this participant is owed, as the export records it (the same rule as `screen`):
+        "released" (given the release code), "dropped" (no code), "completed" (given the completion
+        code: they finished, or their round ended while they were still in it) or "incomplete"."""
+        if released:
+            return CompletionStatus.RELEASED
+        if self.has_left and not self.has_finished:
+            return CompletionStatus.DROPPED
+        if self.has_finished or round_done:
+            return CompletionStatus.COMPLETED
+        return CompletionStatus.INCOMPLETE
+
     def completion_code(self) -> str:
         """What a participant who took part is given for their panel (the study's fixed code, if it has one)."""
         experiment = self.room.experiment
@@ -309,13 +321,16 @@ class Participant(models.Model):
         return experiment.release_code or self._derived_code("release", "R")
 
     def screen(self, *, round_: Round, has_opinion: bool, has_statements: bool, released: bool) -> str:
-        """Which screen this participant sees: the round's phase, refined by what they have done."""
+        """Which screen this participant sees: the round's phase, refined by what they have done.
+
+        A participant recorded as dropped out sees that, even once the round is done: they get no
+        completion code (only those who finished, or whose round ended without them failing it, do)."""
         if released:
             return Screen.RELEASED
+        if self.has_left and not self.has_finished:
+            return Screen.DROPPED
         if self.has_finished or round_.phase == Round.Phase.DONE:
             return Screen.DONE
-        if self.has_left:
-            return Screen.DROPPED
         if round_.phase == Round.Phase.OPINIONS and has_opinion:
             return Screen.OPINION_SENT
         if round_.phase == Round.Phase.RATING and not has_statements:
@@ -428,6 +443,15 @@ class Round(models.Model):
 
     def mediation_attempts_left(self) -> bool:
         return self.mediation_attempts < MAX_MEDIATION_ATTEMPTS
+
+
+class CompletionStatus(models.TextChoices):
+    """Participant.completion_status: which code, if any, a participant was given."""
+
+    COMPLETED = "completed", "Completed (given the completion code)"
+    DROPPED = "dropped", "Dropped out (no code)"
+    RELEASED = "released", "Released without a group (given the release code)"
+    INCOMPLETE = "incomplete", "Incomplete (still in the study, or left without being recorded)"
 
 
 class Screen(models.TextChoices):

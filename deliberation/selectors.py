@@ -23,6 +23,7 @@ from .models import (
     Release,
     Room,
     Round,
+    Screen,
 )
 
 
@@ -195,7 +196,8 @@ def room_state_for(participant: Participant) -> ParticipantState:
         _add_protocol_items(state, source_arm_of=source_arm_of)
     # A release ends the round, so only a finished round can have one (saves a query per render).
     state.released = round_.phase == Round.Phase.DONE and Release.objects.filter(participant=participant).exists()
-    if participant.finished_at is not None or round_.phase == Round.Phase.DONE:
+    # The code follows the screen: a participant recorded as dropped out is never given one.
+    if state.view in (Screen.DONE, Screen.RELEASED):
         state.completion_code = completion_code_for(participant)
     return state
 

@@ -254,6 +254,11 @@ def _participant_columns(ctx: ExportContext) -> list[Column]:
         Column("dropped_out_at", "datetime", "When the participant was recorded as having dropped out (a phase deadline passed), UTC."),
         Column("dropout_reason", "string", "Why the participant was recorded as dropped out."),
         Column("released_at", "datetime", "When the participant was released without a group after the maximum wait, UTC."),
+        Column(
+            "completion_status", "string",
+            "Which code the participant was given: completed (the completion code: they finished, or their group's round ended while "
+            "they were still in it), dropped (no code: recorded as dropped out), released (the release code) or incomplete (no code yet).",
+        ),
         Column("attention_check_passed", "boolean", "Result of the attention check (blank: none asked or not answered)."),
         Column("excluded_from_generation", "boolean", "Exclusion protocol: this participant's opinion was left out of generation and ranking."),
     ]
@@ -264,6 +269,11 @@ def _participant_rows(ctx: ExportContext) -> Iterator[tuple[Any, ...]]:
     released = dict(Release.objects.filter(participant__room__experiment=experiment).values_list("participant_id", "created_at"))
     attention = dict(AttentionCheck.objects.filter(participant__room__experiment=experiment).values_list("participant_id", "passed"))
     excluded = set(Round.objects.filter(room__experiment=experiment).exclude(excluded_participant=None).values_list("excluded_participant_id", flat=True))
+    # Each room's latest round (a later index overwrites an earlier one): is it done?
+    room_done = {
+        room_id: phase == Round.Phase.DONE
+        for room_id, phase in Round.objects.filter(room__experiment=experiment).order_by("room_id", "index").values_list("room_id", "phase")
+    }
     for pk, room_id, label, external_id, joined, consented, finished, dropped, reason in _iterate(
         _participants(ctx), ctx, "pk", "room_id", "label", "external_id", "joined_at", "consented_at", "finished_at",
         "dropped_out_at", "dropout_reason",
@@ -271,7 +281,10 @@ def _participant_rows(ctx: ExportContext) -> Iterator[tuple[Any, ...]]:
         head: tuple[Any, ...] = (ctx.pseudonym(pk), room_id, label)
         if ctx.include_external_ids:
             head += (external_id,)
-        yield (*head, joined, consented, finished, dropped, reason, released.get(pk), attention.get(pk), pk in excluded)
+        status = Participant(finished_at=finished, dropped_out_at=dropped).completion_status(
+            released=pk in released, round_done=room_done.get(room_id, False)
+        )
+        yield (*head, joined, consented, finished, dropped, reason, released.get(pk), str(status), attention.get(pk), pk in excluded)
 
 
 PARTICIPANTS = Table(
