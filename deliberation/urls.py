@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import views
+from . import inputs, views  # noqa: F401 - inputs registers the <dbid:...> converter
 
 urlpatterns = [
     path("", views.home, name="home"),
@@ -9,11 +9,11 @@ urlpatterns = [
     path("p/<str:code>/", views.participant_page, name="participant"),
     path("p/<str:code>/opinion/", views.opinion_submit, name="opinion_submit"),
     path("p/<str:code>/draft/", views.opinion_draft, name="opinion_draft"),
-    path("p/<str:code>/rate/<int:candidate_id>/", views.rating_submit, name="rating_submit"),
+    path("p/<str:code>/rate/<dbid:candidate_id>/", views.rating_submit, name="rating_submit"),
     path("p/<str:code>/rank/", views.ranking_submit, name="ranking_submit"),
     path("p/<str:code>/prefer/", views.preference_submit, name="preference_submit"),
-    path("p/<str:code>/opinion-rating/<int:opinion_id>/", views.opinion_rating_submit, name="opinion_rating_submit"),
+    path("p/<str:code>/opinion-rating/<dbid:opinion_id>/", views.opinion_rating_submit, name="opinion_rating_submit"),
     path("p/<str:code>/attention/", views.attention_submit, name="attention_submit"),
-    path("researcher/rooms/<int:room_id>/", views.room_monitor, name="room_monitor"),
-    path("researcher/rooms/<int:room_id>/start/", views.room_start, name="room_start"),
+    path("researcher/rooms/<dbid:room_id>/", views.room_monitor, name="room_monitor"),
+    path("researcher/rooms/<dbid:room_id>/start/", views.room_start, name="room_start"),
 ]

@@ -13,6 +13,7 @@ from accounts import permissions
 
 from . import selectors, services
 from .http import HtmxHttpRequest
+from .inputs import clean_text
 from .models import Experiment, Participant, Room
 from .ratelimit import rate_limited
 
@@ -40,6 +41,7 @@ def participant_for_request(request: HtmxHttpRequest, code: str) -> Participant:
 def _external_id(request: HtmxHttpRequest) -> str:
     for name in EXTERNAL_ID_PARAMS:
         value = request.GET.get(name) or request.POST.get(name)
+        value = clean_text(value).strip()
         if value:
             return value
     return ""

@@ -16,6 +16,7 @@ from django.utils import timezone
 
 from deliberation import dispatch
 from deliberation.dispatch import TaskName
+from deliberation.inputs import clean_text
 from deliberation.models import AllowedExternalId, Experiment
 from deliberation.services import InvalidInput, ServiceError
 
@@ -24,7 +25,7 @@ from .models import DatasetExport
 
 def allow_list_add(*, experiment: Experiment, external_ids: Iterable[str]) -> int:
     """Add external ids (one per item; blanks ignored) to the experiment's allow-list; returns how many were new."""
-    wanted = {value.strip()[:200] for value in external_ids if value and value.strip()}
+    wanted = {clean_text(value).strip()[:200] for value in external_ids if value and clean_text(value).strip()}
     with transaction.atomic():
         known = set(AllowedExternalId.objects.filter(experiment=experiment, external_id__in=wanted).values_list("external_id", flat=True))
         AllowedExternalId.objects.bulk_create(

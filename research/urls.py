@@ -2,6 +2,8 @@
 
 from django.urls import path
 
+from deliberation import inputs  # noqa: F401 - registers the <dbid:...> converter
+
 from . import views
 
 urlpatterns = [
@@ -11,6 +13,6 @@ urlpatterns = [
     path("experiments/<slug:slug>/analytics/", views.analytics_page, name="analytics"),
     path("experiments/<slug:slug>/analytics.csv", views.analytics_csv, name="analytics_csv"),
     path("experiments/<slug:slug>/exports/", views.exports_page, name="exports_page"),
-    path("exports/<int:export_id>/download/", views.export_download, name="export_download"),
+    path("exports/<dbid:export_id>/download/", views.export_download, name="export_download"),
     path("experiments/<slug:slug>/", views.experiment_detail, name="experiment_detail"),
 ]

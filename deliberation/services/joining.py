@@ -11,6 +11,7 @@ from django.db.models import Count, F
 from django.utils import timezone
 
 from .. import events
+from ..inputs import clean_text
 from ..models import AllowedExternalId, Arm, Experiment, PageView, Participant, Question, Room, RoomAssignment, Round
 from .errors import JoinRefused
 from .phases import room_wait_deadline_schedule, round_open_opinions
@@ -108,7 +109,7 @@ def participant_join(*, experiment: Experiment, external_id: str = "", room: Roo
 
     A known external id (Prolific PID, participant_label) resumes that participant.
     """
-    external_id = external_id.strip()[:200]
+    external_id = clean_text(external_id).strip()[:200]
     with transaction.atomic():
         # Serialise joins per experiment, so two arrivals cannot both take the last seat.
         experiment = Experiment.objects.select_for_update().get(pk=experiment.pk)

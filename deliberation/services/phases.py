@@ -14,6 +14,7 @@ from django.utils import timezone
 
 from .. import dispatch, events
 from ..dispatch import TaskName
+from ..inputs import clean_text, visible_length
 from ..models import MIN_OPINIONS_FOR_MEDIATION, Opinion, Participant, Release, Room, Round
 from .errors import InvalidInput, WrongPhase
 
@@ -105,14 +106,15 @@ def _drop_out(*, participants: Sequence[Participant], reason: str) -> None:
 
 def opinion_save_draft(*, participant: Participant, text: str) -> None:
     """Keep what a participant has typed, so a reload or a lost connection loses nothing."""
+    text = clean_text(text)
     limit = participant.room.experiment.opinion_max_chars
     Participant.objects.filter(pk=participant.pk).update(opinion_draft=text[: limit * 2])
 
 
 def opinion_submit(*, participant: Participant, text: str) -> Opinion:
-    text = text.strip()
+    text = clean_text(text).strip()
     experiment = participant.room.experiment
-    if len(text) < experiment.opinion_min_chars:
+    if visible_length(text) < experiment.opinion_min_chars:
         raise InvalidInput(f"Please write at least {experiment.opinion_min_chars} characters.")
     if len(text) > experiment.opinion_max_chars:
         raise InvalidInput(
