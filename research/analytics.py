@@ -24,6 +24,7 @@ seed, so the page shows the same interval every time for the same data.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import math
 from collections import defaultdict
@@ -38,6 +39,8 @@ from django.utils.safestring import SafeString, mark_safe
 
 from deliberation.models import Arm, Experiment, OpinionRating, PairwisePreference, PredictedAgreement, Rating, Round
 from modeling.reward.metrics import mae, mean_within_participant_spearman, pairwise_accuracy
+
+from .exports import spreadsheet_safe
 
 BOOTSTRAP_RESAMPLES = 2000
 CONFIDENCE = 0.95
@@ -400,10 +403,12 @@ def experiment_report(experiment: Experiment) -> ExperimentReport:
 
 
 def report_csv(report: ExperimentReport) -> str:
+    """The figures as CSV; arm names are made spreadsheet-safe (research.exports.spreadsheet_safe)."""
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(["arm_id", "arm", "metric", "value", "ci_low", "ci_high", "n_groups"])
-    for arm in report.arms:
+    for report_arm in report.arms:
+        arm = dataclasses.replace(report_arm, name=spreadsheet_safe(report_arm.name))
         for key, _ in ExperimentReport.METRICS:
             estimate: Estimate = getattr(arm, key)
             writer.writerow([arm.arm_id, arm.name, key, _cell(estimate.value), _cell(estimate.low), _cell(estimate.high), estimate.n])

@@ -33,6 +33,7 @@ from django.conf import settings
 from django.db.models import Count, Q, QuerySet
 from django.utils import timezone
 
+from deliberation.inputs import clean_text
 from deliberation.models import (
     Arm,
     AttentionCheck,
@@ -640,6 +641,28 @@ def _text(value: Any) -> str:
     return str(value)
 
 
+# Cells a spreadsheet would evaluate as a formula (OWASP, "CSV Injection"): those starting with one of these.
+FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
+CSV_ESCAPING_NOTE = (
+    "CSV cells are made safe to open in a spreadsheet (OWASP's advice on CSV injection): a text cell that starts with "
+    "`=`, `+`, `-`, `@`, a tab or a carriage return is written with a single quote (`'`) in front, so it is shown as text "
+    "rather than evaluated as a formula; NUL, other control characters (but tab and line breaks) and bidirectional "
+    "controls are removed from text cells. Numbers are written as they are. Strip a leading `'` from such text cells "
+    "to recover the value, or use the JSONL or Parquet export, which keeps every value raw."
+)
+
+
+def spreadsheet_safe(value: str) -> str:
+    """A text cell for CSV: without control or bidirectional characters, and quoted if a spreadsheet would run it as a formula."""
+    value = clean_text(value)
+    return "'" + value if value.startswith(FORMULA_TRIGGERS) else value
+
+
+def _csv_cell(value: Any) -> str:
+    # Only text is escaped: a negative number stays a number.
+    return spreadsheet_safe(value) if isinstance(value, str) else _text(value)
+
+
 def _jsonable(value: Any) -> Any:
     return value.isoformat() if isinstance(value, datetime) else value
 
@@ -663,7 +686,7 @@ class _CsvWriter(_Writer):
         self.csv.writerow([c.name for c in columns])
 
     def write(self, rows: list[tuple[Any, ...]]) -> None:
-        self.csv.writerows([_text(v) for v in row] for row in rows)
+        self.csv.writerows([_csv_cell(v) for v in row] for row in rows)
 
     def close(self) -> None:
         self.file.close()
@@ -754,6 +777,8 @@ def data_dictionary(ctx: ExportContext, fmt: str, row_counts: dict[str, int], cr
         "Times are UTC (ISO 8601). Agreement is on a 7-point scale: 1 strongly disagree … 7 strongly agree.",
         "",
     ]
+    if fmt == "csv":
+        lines += ["## Spreadsheet safety", "", CSV_ESCAPING_NOTE, ""]
     if uses_hm_bank:
         lines += ["## Credit", "", HM_CREDIT, ""]
     lines += ["## Tables", ""]
