@@ -108,13 +108,18 @@ class ExperimentAdmin(OwnedByResearcherAdmin):
 
     @admin.action(description="Pause (nobody new can join)")
     def pause(self, request, queryset):
-        for experiment in queryset.filter(permissions.experiment_filter(request.user, change=True)):
-            services.experiment_pause(experiment=experiment, paused=True)
+        self._set_paused(request, queryset, paused=True)
 
     @admin.action(description="Resume")
     def resume(self, request, queryset):
+        self._set_paused(request, queryset, paused=False)
+
+    def _set_paused(self, request, queryset, *, paused: bool) -> None:
         for experiment in queryset.filter(permissions.experiment_filter(request.user, change=True)):
-            services.experiment_pause(experiment=experiment, paused=False)
+            try:
+                services.experiment_pause(experiment=experiment, paused=paused)
+            except services.ServiceError as error:
+                self.message_user(request, f"{experiment.slug}: {error}", messages.ERROR)
 
     def formfield_for_foreignkey(self, db_field, request, **kwargs):
         # A researcher owns what they create; only a superuser gives an experiment to someone else.

@@ -35,8 +35,11 @@ def allow_list_add(*, experiment: Experiment, external_ids: Iterable[str]) -> in
 
 
 def experiment_pause(*, experiment: Experiment, paused: bool) -> Experiment:
+    """Pause or resume a study. A closed study stays closed: neither can reopen it."""
     with transaction.atomic():
         experiment = Experiment.objects.select_for_update().get(pk=experiment.pk)
+        if experiment.status == Experiment.Status.CLOSED:
+            raise InvalidInput("This study is closed: it cannot be paused or resumed.")
         experiment.status = Experiment.Status.PAUSED if paused else Experiment.Status.ACTIVE
         experiment.save(update_fields=["status"])
     return experiment

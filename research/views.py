@@ -10,7 +10,7 @@ from __future__ import annotations
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
-from django.http import FileResponse, Http404, HttpResponse
+from django.http import FileResponse, Http404, HttpResponse, HttpResponseBadRequest
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
@@ -63,9 +63,17 @@ def cohort_monitor(request: HtmxHttpRequest, slug: str) -> HttpResponse:
 @require_POST
 def experiment_pause(request: HtmxHttpRequest, slug: str) -> HttpResponse:
     experiment = _own_experiment(request, slug, change=True)
-    paused = request.POST.get("action") == "pause"
-    services.experiment_pause(experiment=experiment, paused=paused)
-    messages.success(request, "The study is paused: nobody new can join." if paused else "The study is accepting participants again.")
+    # Explicit actions only: a POST without one (or with another) changes nothing.
+    action = request.POST.get("action")
+    if action not in ("pause", "resume"):
+        return HttpResponseBadRequest("Say action=pause or action=resume.")
+    paused = action == "pause"
+    try:
+        services.experiment_pause(experiment=experiment, paused=paused)
+    except services.ServiceError as error:
+        messages.error(request, str(error))
+    else:
+        messages.success(request, "The study is paused: nobody new can join." if paused else "The study is accepting participants again.")
     return redirect("cohort_monitor", slug=experiment.slug)
 
 

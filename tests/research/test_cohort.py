@@ -347,3 +347,24 @@ def test_the_admin_adds_pasted_external_ids_to_the_allow_list(client, cohort_exp
     response = client.post(url, {k: v for k, v in data.items() if v is not None})
     assert response.status_code == 302, response.context["adminform"].form.errors if response.context else response
     assert sorted(cohort_experiment.allowed_external_ids.values_list("external_id", flat=True)) == ["PID-A", "PID-B", "PID-C"]
+
+
+def test_a_closed_study_stays_closed_and_the_actions_are_explicit(client, cohort_experiment, researcher) -> None:
+    url = "/researcher/experiments/cohort/pause/"
+    client.force_login(researcher)
+    for body in ({}, {"action": ""}, {"action": "open"}, {"action": "RESUME"}):
+        assert client.post(url, body).status_code == 400, body
+    Experiment.objects.filter(pk=cohort_experiment.pk).update(status=Experiment.Status.PAUSED)
+    assert client.post(url, {}).status_code == 400
+    assert Experiment.objects.get(pk=cohort_experiment.pk).status == Experiment.Status.PAUSED  # a POST without action resumes nothing
+    Experiment.objects.filter(pk=cohort_experiment.pk).update(status=Experiment.Status.CLOSED)
+    page = client.get("/researcher/experiments/cohort/cohort/").content.decode()
+    assert "Resume the study" not in page and "cannot be resumed" in page
+    for action in ("resume", "pause"):
+        response = client.post(url, {"action": action}, follow=True)
+        assert response.status_code == 200 and "closed" in response.content.decode()
+        assert Experiment.objects.get(pk=cohort_experiment.pk).status == Experiment.Status.CLOSED
+    with pytest.raises(services.InvalidInput):
+        research_services.experiment_pause(experiment=cohort_experiment, paused=False)
+    with pytest.raises(services.JoinRefused):
+        services.participant_join(experiment=cohort_experiment)
