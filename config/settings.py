@@ -8,6 +8,7 @@ With REDIS_URL, the Redis channel layer and real Celery workers are used.
 from __future__ import annotations
 
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
@@ -44,6 +45,7 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
+    "axes",
     "channels",
     "django_htmx",
     "accounts",
@@ -63,7 +65,24 @@ MIDDLEWARE = [
     "django_htmx.middleware.HtmxMiddleware",
     "config.security.ContentSecurityPolicyMiddleware",
     "config.security.DatabaseUnavailableMiddleware",
+    # Login throttling (django-axes): last, so it answers a locked-out login with its own 429.
+    "axes.middleware.AxesMiddleware",
 ]
+
+# Login throttling (django-axes) for the site's login and the admin's alike: after AXES_FAILURE_LIMIT
+# wrong passwords for one username, or from one address, logins are refused (even with the right
+# password) for AXES_COOLOFF_MINUTES. Failures are kept in the database, so no cache eviction resets
+# them. A superuser lifts a lock early with `manage.py axes_reset_username USERNAME`.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = env_int("AXES_FAILURE_LIMIT", 10, minimum=1)
+AXES_COOLOFF_TIME = timedelta(minutes=env_int("AXES_COOLOFF_MINUTES", 15, minimum=1))
+AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]
+AXES_RESET_ON_SUCCESS = True
+# The client address by the same rule as the rate limits (X-Forwarded-For only when trusted).
+AXES_CLIENT_IP_CALLABLE = "deliberation.ratelimit.client_ip"
 
 ROOT_URLCONF = "config.urls"
 ASGI_APPLICATION = "config.asgi.application"

@@ -173,4 +173,5 @@ def test_seed_demo_is_idempotent() -> None:
     demo = Experiment.objects.get(slug="demo")
     assert demo.arms.count() == 1 and demo.questions.count() == 5
     client = Client()
-    assert client.login(username="researcher", password="concord-demo")
+    # Logins are throttled (django-axes), which needs the request: log in through the form, as a browser does.
+    assert client.post("/accounts/login/", {"username": "researcher", "password": "concord-demo"}).status_code == 302
