@@ -158,6 +158,11 @@ class Experiment(models.Model):
     )
     release_code = models.CharField(max_length=64, blank=True, help_text="Code given to released participants (blank: derived per person).")
     require_allow_list = models.BooleanField(default=False, help_text="Only external ids on the allow-list may join.")
+    allow_several_seats_per_browser = models.BooleanField(
+        default=False,
+        help_text="Let one browser hold several seats (a demo opened in several windows). Off for real studies: a browser "
+        "that joined is taken back to its own seat.",
+    )
     attention_check = models.BooleanField(default=False, help_text="Add an instructed-response item to the rating page.")
     rate_opinions = models.BooleanField(
         default=False, help_text="Participants also rate the other members' anonymised opinions (best-human-opinion protocol)."

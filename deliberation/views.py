@@ -65,7 +65,9 @@ def join(request: HtmxHttpRequest, slug: str, room_code: str | None = None) -> H
             context["error"] = "Please tick the box to give your consent, or close this page if you do not wish to take part."
             return render(request, "deliberation/consent.html", context, status=400)
         try:
-            participant = services.participant_join(experiment=experiment, external_id=external_id, room=room)
+            participant = services.participant_join(
+                experiment=experiment, external_id=external_id, room=room, browser_codes=request.session.get(SESSION_KEY, [])
+            )
         except services.JoinRefused as refusal:
             context["error"] = str(refusal)
             return render(request, "deliberation/join_refused.html", context, status=403)

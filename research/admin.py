@@ -87,7 +87,7 @@ class ExperimentAdmin(OwnedByResearcherAdmin):
         ("Groups and timers", {"fields": ["group_size", "min_group_size", "max_wait_seconds", "opinion_seconds", "rating_seconds", "opinion_min_chars", "opinion_max_chars"]}),
         ("Questions", {"fields": ["questions", "question_split", "question_topic"], "description": "Attach questions, or leave none attached and draw from the whole bank by split and topic."}),
         ("Protocols", {"fields": ["rate_opinions", "attention_check", "assignment_seed"]}),
-        ("Participants", {"fields": ["require_allow_list", "add_allowed_external_ids", "completion_code", "completion_url", "release_code"]}),
+        ("Participants", {"fields": ["require_allow_list", "allow_several_seats_per_browser", "add_allowed_external_ids", "completion_code", "completion_url", "release_code"]}),
     ]
 
     def save_related(self, request, form, formsets, change) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Collection
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -104,10 +105,16 @@ def _add_participant(*, room: Room, external_id: str) -> Participant:
     return participant
 
 
-def participant_join(*, experiment: Experiment, external_id: str = "", room: Room | None = None) -> Participant:
+def participant_join(
+    *, experiment: Experiment, external_id: str = "", room: Room | None = None, browser_codes: Collection[str] = ()
+) -> Participant:
     """Consent and join: into `room` if given (an invite to one room), else the forming room.
 
-    A known external id (Prolific PID, participant_label) resumes that participant.
+    `browser_codes` are the participant codes the joining browser already holds (its session): the
+    only proof of a seat. A known external id resumes that participant only from a browser that
+    holds its code; from any other it is refused (external ids are not secrets). And unless the
+    experiment allows several seats per browser, a browser that already holds a seat in this
+    experiment is given that seat back instead of a new one.
     """
     external_id = clean_text(external_id).strip()[:200]
     with transaction.atomic():
@@ -127,7 +134,16 @@ def participant_join(*, experiment: Experiment, external_id: str = "", room: Roo
                 .first()
             )
             if existing is not None:
-                return existing
+                if existing.code in browser_codes:
+                    return existing
+                raise JoinRefused(
+                    "Someone has already joined this study with this participant id, in another browser. If that was you, "
+                    "please go back to that browser window; otherwise contact the researchers."
+                )
+        if browser_codes and not experiment.allow_several_seats_per_browser:
+            mine = Participant.objects.filter(room__experiment=experiment, code__in=list(browser_codes)).order_by("-id").first()
+            if mine is not None:
+                return mine
         if not experiment.accepts_participants():
             raise JoinRefused("This study is not accepting participants right now.")
         if room is not None:

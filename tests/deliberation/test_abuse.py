@@ -38,7 +38,10 @@ def test_a_join_flood_from_one_address_is_throttled(experiment, settings) -> Non
     settings.RATE_LIMIT_JOIN_PER_IP = 5
     ip = _fresh_ip()
     client = Client(REMOTE_ADDR=ip)
-    statuses = [client.post(reverse("join", args=[experiment.slug]), {"consent": "yes"}).status_code for _ in range(8)]
+    statuses = []
+    for _ in range(8):
+        client.cookies.clear()  # a fresh session each time: one browser holds one seat (test_seats.py)
+        statuses.append(client.post(reverse("join", args=[experiment.slug]), {"consent": "yes"}).status_code)
     assert statuses[:5] == [302] * 5
     assert statuses[5:] == [429] * 3
     assert Participant.objects.count() == 5

@@ -36,10 +36,12 @@ def test_joining_fills_one_room_then_opens_the_next(experiment: Experiment) -> N
     assert _round(fourth).phase == Round.Phase.WAITING
 
 
-def test_a_known_external_id_resumes_the_same_participant(experiment: Experiment) -> None:
+def test_a_known_external_id_resumes_the_same_participant_in_the_same_browser(experiment: Experiment) -> None:
     first = services.participant_join(experiment=experiment, external_id="PROLIFIC-1")
-    again = services.participant_join(experiment=experiment, external_id="PROLIFIC-1")
+    again = services.participant_join(experiment=experiment, external_id="PROLIFIC-1", browser_codes=[first.code])
     assert again.pk == first.pk
+    with pytest.raises(services.JoinRefused, match="another browser"):
+        services.participant_join(experiment=experiment, external_id="PROLIFIC-1")
     assert Participant.objects.filter(external_id="PROLIFIC-1").count() == 1
 
 

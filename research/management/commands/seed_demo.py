@@ -55,8 +55,12 @@ class Command(BaseCommand):
                 "owner": researcher,
                 "group_size": group_size,
                 "description": "A demo deliberation: open the invite link in one browser window per participant.",
+                "allow_several_seats_per_browser": True,
             },
         )
+        if not experiment.allow_several_seats_per_browser:
+            # The demo is played in several windows of one browser (README), so it allows several seats per browser.
+            Experiment.objects.filter(pk=experiment.pk).update(allow_several_seats_per_browser=True)
         experiment.questions.add(*questions)
         Arm.objects.get_or_create(experiment=experiment, name="default", defaults={"n_candidates": n, "k_shown": k})
         verb = "Created" if created else "Found"
