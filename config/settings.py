@@ -82,7 +82,7 @@ AXES_COOLOFF_TIME = timedelta(minutes=env_int("AXES_COOLOFF_MINUTES", 15, minimu
 AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]
 AXES_RESET_ON_SUCCESS = True
 # The client address by the same rule as the rate limits (X-Forwarded-For only when trusted).
-AXES_CLIENT_IP_CALLABLE = "deliberation.ratelimit.client_ip"
+AXES_CLIENT_IP_CALLABLE = "deliberation.ratelimit.client_ip_address"
 
 ROOT_URLCONF = "config.urls"
 ASGI_APPLICATION = "config.asgi.application"

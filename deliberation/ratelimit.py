@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import ipaddress
 import logging
 import time
 from collections.abc import Callable
@@ -20,6 +21,18 @@ def client_ip(request: HttpRequest) -> str:
         if forwarded:
             return forwarded.split(",")[0].strip()
     return request.META.get("REMOTE_ADDR", "unknown")
+
+
+def client_ip_address(request: HttpRequest) -> str | None:
+    """`client_ip`, when it is an IP address (None otherwise: a unix socket, a malformed forwarded header).
+
+    Login throttling (django-axes, AXES_CLIENT_IP_CALLABLE) stores it in an address column, which
+    PostgreSQL would refuse to fill with anything else."""
+    value = client_ip(request)
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        return None
 
 
 def hit(*, scope: str, key: str, limit: int, window_seconds: int = 60) -> bool:

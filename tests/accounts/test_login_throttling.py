@@ -50,3 +50,19 @@ def test_a_few_typos_do_not_lock_a_researcher_out(settings) -> None:
     for attempt in range(settings.AXES_FAILURE_LIMIT - 1):
         client.post("/accounts/login/", {"username": "typist", "password": f"typo-{attempt}"})
     assert client.post("/accounts/login/", {"username": "typist", "password": PASSWORD}).status_code == 302
+
+
+def test_a_request_without_a_usable_address_still_logs_in_and_is_throttled(settings) -> None:
+    """A unix socket gives no REMOTE_ADDR, and a malformed forwarded header no address: PostgreSQL's inet column
+    must not see "unknown" (it was a 500 there)."""
+    from deliberation.ratelimit import client_ip_address
+
+    settings.TRUST_X_FORWARDED_FOR = True
+    UserFactory(username="socket-user")
+    client = Client(REMOTE_ADDR="", HTTP_X_FORWARDED_FOR="not-an-address")
+    assert client.post("/accounts/login/", {"username": "socket-user", "password": PASSWORD}).status_code == 302
+    for attempt in range(30):
+        client.post("/accounts/login/", {"username": "socket-user", "password": f"guess-{attempt}"})
+    assert client.post("/accounts/login/", {"username": "socket-user", "password": PASSWORD}).status_code == 429
+    request = type("R", (), {"META": {"REMOTE_ADDR": "unknown"}})()
+    assert client_ip_address(request) is None  # type: ignore[arg-type]
