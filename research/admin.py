@@ -121,11 +121,16 @@ class ExperimentAdmin(OwnedByResearcherAdmin):
             except services.ServiceError as error:
                 self.message_user(request, f"{experiment.slug}: {error}", messages.ERROR)
 
-    def formfield_for_foreignkey(self, db_field, request, **kwargs):
-        # A researcher owns what they create; only a superuser gives an experiment to someone else.
-        if db_field.name == "owner" and not request.user.is_superuser:
-            kwargs["queryset"] = db_field.related_model._default_manager.filter(pk=request.user.pk)
-        return super().formfield_for_foreignkey(db_field, request, **kwargs)
+    def get_readonly_fields(self, request, obj=None):
+        # A researcher owns what they create; only a superuser gives an experiment to someone else
+        # (an editor cannot make the experiment theirs).
+        readonly = list(super().get_readonly_fields(request, obj))
+        return readonly if request.user.is_superuser else [*readonly, "owner"]
+
+    def save_model(self, request, obj, form, change) -> None:
+        if not change and not request.user.is_superuser:
+            obj.owner = request.user
+        super().save_model(request, obj, form, change)
 
 
 @admin.register(Arm)

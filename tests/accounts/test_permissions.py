@@ -134,3 +134,21 @@ async def test_the_monitor_socket_refuses_staff_who_do_not_share_the_experiment(
     await database_sync_to_async(client.force_login)(staff_attacker)
     _, connected, code = await _connect(f"/ws/monitor/{room.pk}/", ORIGIN, _cookie_for(client))
     assert not connected and code == 4403
+
+
+def test_an_editor_cannot_take_ownership_in_the_admin(victim_study, outsider_researcher) -> None:
+    Collaboration.objects.create(experiment=victim_study, user=outsider_researcher, role=Collaboration.Role.EDITOR)
+    outsider_researcher.is_staff = True
+    outsider_researcher.save()
+    outsider_researcher.user_permissions.add(*Permission.objects.filter(codename__in=["view_experiment", "change_experiment"]))
+    client = _logged_in(outsider_researcher)
+    page = client.get(f"/admin/deliberation/experiment/{victim_study.pk}/change/")
+    assert page.status_code == 200
+    assert "owner" not in page.context["adminform"].form.fields  # shown read-only
+    viewer = UserFactory(username="viewer-only", is_staff=True)
+    viewer.user_permissions.add(*Permission.objects.filter(codename__in=["view_experiment", "change_experiment"]))
+    Collaboration.objects.create(experiment=victim_study, user=viewer, role=Collaboration.Role.VIEWER)
+    # A viewer sees the experiment in the admin but cannot post a change to it.
+    assert _logged_in(viewer).get(f"/admin/deliberation/experiment/{victim_study.pk}/change/").status_code == 200
+    assert _logged_in(viewer).post(f"/admin/deliberation/experiment/{victim_study.pk}/change/", {"name": "hijacked"}).status_code == 403
+    assert Experiment.objects.get(pk=victim_study.pk).name == "Victim study"
