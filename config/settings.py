@@ -238,7 +238,7 @@ CONCORD_GENERATOR_MODEL = env_str("CONCORD_GENERATOR_MODEL", "smollm2-135m-instr
 # The fine-tuned adapter the site generates with when an arm names no generator version: "none" (the
 # untuned base), "shipped" (the adapter in modeling/adapters/, verified by its pinned sha256), or the
 # path of an adapter directory (its concord-adapter.json records the sha256 it is checked against).
-CONCORD_GENERATOR_ADAPTER = env_str("CONCORD_GENERATOR_ADAPTER", "none")
+CONCORD_GENERATOR_ADAPTER = env_str("CONCORD_GENERATOR_ADAPTER", "shipped")
 CONCORD_OPENAI_BASE_URL = env_str("CONCORD_OPENAI_BASE_URL", "")
 CONCORD_OPENAI_API_KEY = env_str("CONCORD_OPENAI_API_KEY", "")
 CONCORD_DEVICE = env_choice("CONCORD_DEVICE", "auto", {"auto", "cpu", "cuda"})

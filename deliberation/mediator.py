@@ -60,12 +60,13 @@ def default_generator_version() -> GeneratorVersion | None:
     record), so the candidates it writes cite it like any trained version.
     """
     choice = settings.CONCORD_GENERATOR_ADAPTER.strip()
-    if choice in ("", "none"):
-        return None
+    if choice in ("", "none") or settings.CONCORD_GENERATOR_BACKEND != "transformers":
+        return None  # adapters are loaded by the transformers backend; a served model is chosen by name
     if choice == "shipped":
-        shipped = SHIPPED.get(settings.CONCORD_GENERATOR_MODEL) or next(iter(SHIPPED.values()), None)
+        # The adapter shipped for the site's model, if the repository ships one for it (SmolLM2 by default).
+        shipped = SHIPPED.get(settings.CONCORD_GENERATOR_MODEL)
         if shipped is None:
-            raise ImproperlyConfigured("CONCORD_GENERATOR_ADAPTER=shipped, but this checkout ships no adapter (modeling/adapters/).")
+            return None
         name, path, sha256, base = shipped.name, shipped.path, shipped.sha256, shipped.base_model
     else:
         path = Path(choice).expanduser().resolve()
@@ -75,11 +76,11 @@ def default_generator_version() -> GeneratorVersion | None:
         manifest = json.loads(manifest_path.read_text())
         name, sha256, base = f"local-{manifest['adapter_sha256'][:12]}", manifest["adapter_sha256"], manifest["base_model"]
     record = _training_record(path)
-    version, _ = GeneratorVersion.objects.get_or_create(
+    version, created = GeneratorVersion.objects.get_or_create(
         sha256=sha256,
-        path=str(path),
         defaults={
             "name": name,
+            "path": str(path),
             "base_model": base,
             "base_model_sha256": record.get("base_model_sha256") or "",
             "method": GeneratorVersion.Method.LORA,
@@ -88,6 +89,10 @@ def default_generator_version() -> GeneratorVersion | None:
             "metrics": {key: record[key] for key in ("loss_before", "loss_after", "train_rows", "seconds") if key in record},
         },
     )
+    if not created and version.path != str(path):
+        # The same weights, found at a new place (the checkout moved): load them from there.
+        version.path = str(path)
+        version.save(update_fields=["path"])
     return version
 
 

@@ -25,5 +25,11 @@ class ShippedAdapter:
         return ADAPTERS_DIR / self.name
 
 
-# Filled in by the commit that ships an adapter (with its files and PROVENANCE.md).
-SHIPPED: dict[str, ShippedAdapter] = {}
+# By the base model each adapter was trained on (CONCORD_GENERATOR_MODEL picks it).
+SHIPPED: dict[str, ShippedAdapter] = {
+    "smollm2-135m-instruct": ShippedAdapter(
+        name="consensus-sft-v1",
+        base_model="smollm2-135m-instruct",
+        sha256="87eb39caadc5dbe5d816e239716c3bfd25538ff6c47335306c82a5dcd405e3c3",
+    ),
+}

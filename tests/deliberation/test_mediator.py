@@ -10,6 +10,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from deliberation import mediator
 from deliberation.models import Experiment, GeneratorVersion
+from modeling.adapters import SHIPPED
 
 pytestmark = pytest.mark.django_db
 
@@ -79,8 +80,47 @@ def test_a_site_adapter_is_registered_once_from_its_training_record(experiment: 
     assert mediator.generator_version_for(arm) is None
 
 
-def test_shipped_needs_a_shipped_adapter(settings, monkeypatch) -> None:
-    monkeypatch.setattr(mediator, "SHIPPED", {})
+def test_the_shipped_adapter_is_the_default_for_its_base_model_only(settings) -> None:
     settings.CONCORD_GENERATOR_ADAPTER = "shipped"
-    with pytest.raises(ImproperlyConfigured, match="ships no adapter"):
-        mediator.default_generator_version()
+    settings.CONCORD_GENERATOR_BACKEND = "transformers"
+    settings.CONCORD_GENERATOR_MODEL = "smollm2-135m-instruct"
+    version = mediator.default_generator_version()
+    assert version is not None and version.name == "consensus-sft-v1"
+    assert version.sha256 == SHIPPED["smollm2-135m-instruct"].sha256 and version.path == str(SHIPPED["smollm2-135m-instruct"].path)
+    assert version.metrics["loss_after"] < version.metrics["loss_before"]
+    assert mediator.default_generator_version() == version and GeneratorVersion.objects.count() == 1
+    # Another base model has no shipped adapter: it generates untuned; a served model is chosen by name.
+    settings.CONCORD_GENERATOR_MODEL = "some/other-model"
+    assert mediator.default_generator_version() is None
+    settings.CONCORD_GENERATOR_MODEL = "smollm2-135m-instruct"
+    settings.CONCORD_GENERATOR_BACKEND = "openai"
+    assert mediator.default_generator_version() is None
+
+
+def test_the_shipped_adapter_files_match_their_pinned_sha256_and_size_limit() -> None:
+    from modeling.generation.models import adapter_digest, verify_adapter
+
+    for shipped in SHIPPED.values():
+        digest, size = adapter_digest(shipped.path)
+        assert digest == shipped.sha256, f"{shipped.path} changed after it was pinned"
+        assert size <= 10 * 1024 * 1024
+        assert verify_adapter(shipped.path, shipped.sha256).sha256 == shipped.sha256
+        assert (shipped.path / "PROVENANCE.md").is_file()
+        record = json.loads((shipped.path / "concord-adapter.json").read_text())
+        assert record["adapter_sha256"] == shipped.sha256 and record["base_model"] == shipped.base_model
+
+
+def test_a_tampered_shipped_adapter_is_refused(tmp_path: Path) -> None:
+    import shutil
+
+    from modeling.generation.models import ModelIntegrityError, verify_adapter
+
+    shipped = SHIPPED["smollm2-135m-instruct"]
+    copy = tmp_path / "tampered"
+    shutil.copytree(shipped.path, copy)
+    weights = copy / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ModelIntegrityError, match="sha256 mismatch"):
+        verify_adapter(copy, shipped.sha256)
