@@ -85,6 +85,9 @@ class Command(BaseCommand):
             raise CommandError(f"--groups must be at least 1 (got {options['groups']}).")
         if backend not in BACKENDS:
             raise CommandError(f"Unknown backend {backend!r}; choose one of: {', '.join(sorted(BACKENDS))}.")
+        if version is None and adapter is None and not options["model"] and not options["backend"]:
+            # The site's default: the shipped (or configured) adapter, if there is one (CONCORD_GENERATOR_ADAPTER).
+            version = mediator.default_generator_version()
         if options["compare_base"] and adapter is None and version is None:
             raise CommandError("--compare-base compares a tuned model with its base: give --version V or --adapter DIR.")
         if adapter is not None and not (adapter / "adapter_config.json").is_file():
