@@ -11,7 +11,8 @@ raw embeddings overfit the training questions):
                  |r(o)-r(s)|, r(o)*r(s),             the same after removing the topic everyone shares
                  cos(o,s), cos(r(o),r(s)), e(o).e(q), e(s).e(q) ]   four scalars
 
-    agreement = 1 + 6 * sigmoid(W2 gelu(W1 features + b1) + b2)
+    raw = 1 + 6 * sigmoid(W2 gelu(W1 features + b1) + b2)
+    agreement = clip(a + b * raw, 1, 7)          (a, b): affine calibration, b > 0, so the order is unchanged
 
 trained with MSE on the 1-7 scale plus a Bradley-Terry loss over each member's
 pairs of candidates (modeling/training/reward_head.py). The weights are a .npz of
@@ -25,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,7 @@ from .similarity import SentenceEncoder
 SHIPPED_DIR = Path(__file__).resolve().parent / "shipped" / "stance-head"
 # sha256 of SHIPPED_DIR/head.npz; load_head refuses any other file. Update it only together with
 # the file and its PROVENANCE.md (python -m modeling.training.reward_head --out SHIPPED_DIR).
-SHIPPED_SHA256 = "30e87d4c77b990e12e8f7d476fbf01b0654875c7a76bbb36871f828b3a1ed6d6"
+SHIPPED_SHA256 = "374a729db247448b378f60da7bff8cabafc8a89c66146ab0091d11b3da2f1d7d"
 WEIGHTS_FILE = "head.npz"
 SHA256_FILE = "head.npz.sha256"
 CONFIG_FILE = "config.json"
@@ -98,11 +99,17 @@ class HeadWeights:
     w2: np.ndarray  # (h,)
     b2: np.ndarray  # ()
     feature_set: str
+    # (a, b): agreement = clip(a + b * raw, 1, 7), fitted on out-of-fold predictions; (0, 1) is none.
+    calibration: np.ndarray = field(default_factory=lambda: np.array([0.0, 1.0], dtype=np.float32))
 
-    def predict(self, x: np.ndarray) -> np.ndarray:
+    def raw(self, x: np.ndarray) -> np.ndarray:
         hidden = torch.nn.functional.gelu(torch.from_numpy(x @ self.w1 + self.b1)).numpy()
         logit = hidden @ self.w2 + self.b2
         return LIKERT_MIN + (LIKERT_MAX - LIKERT_MIN) / (1.0 + np.exp(-logit))
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        a, b = (float(v) for v in self.calibration)
+        return np.clip(a + b * self.raw(x), LIKERT_MIN, LIKERT_MAX)
 
     def save(self, directory: str | Path, extra_config: dict | None = None) -> str:
         """Write head.npz and config.json; returns the sha256 of head.npz."""
@@ -110,7 +117,7 @@ class HeadWeights:
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / WEIGHTS_FILE
         with path.open("wb") as handle:
-            np.savez(handle, w1=self.w1, b1=self.b1, w2=self.w2, b2=self.b2)
+            np.savez(handle, w1=self.w1, b1=self.b1, w2=self.w2, b2=self.b2, calibration=self.calibration)
         config = {"feature_set": self.feature_set, **(extra_config or {})}
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         digest = file_sha256(path)
@@ -152,6 +159,9 @@ def load_head(directory: str | Path, expected_sha256: str | None) -> HeadWeights
             w2=arrays["w2"].astype(np.float32),
             b2=arrays["b2"].astype(np.float32),
             feature_set=str(config["feature_set"]),
+            calibration=(
+                arrays["calibration"].astype(np.float32) if "calibration" in arrays.files else np.array([0.0, 1.0], dtype=np.float32)
+            ),
         )
 
 

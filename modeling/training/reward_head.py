@@ -197,10 +197,22 @@ def train_and_save(
     *,
     synthetic: Sequence[TrainingRow] = (),
     encoder: str = "all-minilm-l6-v2",
+    calibrate_folds: int = 0,
 ) -> dict[str, Any]:
     """Train on `rows` (+ `synthetic`, down-weighted), write the head into `directory`, return its record:
-    sha256, dataset hashes, config, train_mean and training-set metrics."""
+    sha256, dataset hashes, config, train_mean and training-set metrics.
+
+    calibrate_folds > 1: fit the affine calibration (a, b) by least squares of the true ratings on
+    out-of-fold predictions (k folds by question over `rows`), so the scale reflects unseen questions."""
     head = train_on(rows, synthetic, embed, config)
+    calibration = None
+    if calibrate_folds > 1:
+        raw = out_of_fold_raw(rows, synthetic, embed, config, calibrate_folds)
+        b, a = np.polyfit(raw, np.array([r.agreement for r in rows]), 1)
+        if b <= 0:
+            raise ValueError(f"calibration slope {b:.3f} is not positive: the head does not rank held-out questions")
+        head.calibration = np.array([a, b], dtype=np.float32)
+        calibration = {"a": float(a), "b": float(b), "folds": calibrate_folds}
     train_mean = sum(r.agreement for r in rows) / len(rows)
     record: dict[str, Any] = {
         "encoder": encoder,
@@ -210,6 +222,7 @@ def train_and_save(
         "dataset_sha256": dataset_sha256(rows),
         "synthetic_rows": len(synthetic),
         "synthetic_sha256": dataset_sha256(synthetic) if synthetic else None,
+        "calibration": calibration,
     }
     record["sha256"] = head.save(directory, extra_config={k: v for k, v in record.items() if k != "sha256"})
     fit = evaluate_predictions([r.rated() for r in rows], predict_rows(head, rows, embed))
@@ -221,6 +234,17 @@ def question_folds(rows: Sequence[TrainingRow], k: int, seed: int) -> list[set[s
     questions = sorted({r.question for r in rows})
     random.Random(seed).shuffle(questions)
     return [set(questions[i::k]) for i in range(k)]
+
+
+def out_of_fold_raw(rows: Sequence[TrainingRow], synthetic: Sequence[TrainingRow], embed: Embed, config: HeadConfig, k: int) -> np.ndarray:
+    """Uncalibrated predictions for every row from a head that never saw its question (k folds by question)."""
+    raw = np.zeros(len(rows))
+    for fold in question_folds(rows, k, config.seed):
+        train = [r for r in rows if r.question not in fold]
+        held = [i for i, r in enumerate(rows) if r.question in fold]
+        head = train_on(train, synthetic, embed, config)
+        raw[held] = head.raw(row_features([rows[i] for i in held], embed, head.feature_set))
+    return raw
 
 
 def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -373,6 +397,9 @@ def provenance_markdown(record: dict[str, Any], metrics: dict[str, Any], args: a
         f"- question bank: ../shared/data/hm_questions.json, file sha256 `{record['question_bank_sha256']}`",
         f"- evaluation files (not trained on): dev `{record['eval_sha256']['dev']}`, ood `{record['eval_sha256']['ood']}`",
         "",
+        f"- calibration: agreement = clip(a + b * raw, 1, 7) with {json.dumps(record['calibration'])}, fitted on "
+        "5-fold out-of-fold predictions by seed question (train questions only); b > 0 keeps every ranking unchanged",
+        "",
         "## Hyper-parameters",
         "",
         "```json",
@@ -427,7 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     seed_rows = load_jsonl(SEED_RATINGS)
     args.n_synthetic = args.n_synthetic or 0
     synthetic = synthetic_rows(args.n_synthetic) if args.n_synthetic else []
-    record = train_and_save(seed_rows, args.out, embed, config, synthetic=synthetic, encoder=args.encoder)
+    record = train_and_save(seed_rows, args.out, embed, config, synthetic=synthetic, encoder=args.encoder, calibrate_folds=5)
     head = load_head(args.out, record["sha256"])
     dev, ood = load_jsonl(DEV_RATINGS), load_jsonl(OOD_RATINGS)
     metrics = {
