@@ -55,6 +55,8 @@ DEFAULT_MAX_LENGTH = 256
 # candidates + 1 question) is always one pass; large offline evaluations are chunked
 # so attention memory stays bounded.
 DEFAULT_MAX_BATCH = 256
+# On CPU, texts are encoded in length-sorted chunks of this many (less padding; see encode).
+CPU_CHUNK = 8
 
 PLAIN_RANGE = (0.1, 1.0)
 QUESTION_AWARE_RANGE = (-0.2, 1.0)
@@ -146,20 +148,32 @@ class SentenceEncoder:
         self._lock = threading.Lock()
 
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
-        """Embeddings for `texts`, one row each, in order (float32 on CPU)."""
-        rows: list[torch.Tensor] = []
+        """Embeddings for `texts`, one row each, in order (float32 on CPU).
+
+        Texts are sorted by length and encoded in chunks (8 on CPU, max_batch on GPU), so each
+        chunk pads only to its own longest text: a mediation step mixes 10-token questions with
+        250-token opinions, and padding everything to the longest doubled the CPU cost. The
+        result equals unsorted encoding up to float rounding (padding is masked).
+        """
+        if not texts:
+            return torch.empty((0, self.model.config.hidden_size))
+        order = sorted(range(len(texts)), key=lambda index: len(texts[index]))
+        chunk_size = self.max_batch if self.device.type == "cuda" else min(self.max_batch, CPU_CHUNK)
+        rows = torch.empty((len(texts), self.model.config.hidden_size))
         with self._lock, torch.inference_mode():
-            for start in range(0, len(texts), self.max_batch):
-                chunk = list(texts[start : start + self.max_batch])
+            for start in range(0, len(order), chunk_size):
+                indices = order[start : start + chunk_size]
                 batch = self.tokenizer(
-                    chunk, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+                    [texts[index] for index in indices],
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_length,
+                    return_tensors="pt",
                 ).to(self.device)
                 hidden = self.model(**batch).last_hidden_state
                 pooled = mean_pool(hidden, batch["attention_mask"])
-                rows.append(torch.nn.functional.normalize(pooled, dim=-1).float().cpu())
-        if not rows:
-            return torch.empty((0, self.model.config.hidden_size))
-        return torch.cat(rows)
+                rows[indices] = torch.nn.functional.normalize(pooled, dim=-1).float().cpu()
+        return rows
 
 
 def cosine_to_likert(cosine: torch.Tensor, low: float, high: float) -> torch.Tensor:
