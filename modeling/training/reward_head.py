@@ -378,7 +378,7 @@ def provenance_markdown(record: dict[str, Any], metrics: dict[str, Any], args: a
         "",
         "## Files",
         "",
-        f"- `head.npz`: float32 arrays w1, b1, w2, b2; sha256 `{record['sha256']}` (pinned in code, checked before loading)",
+        f"- `head.npz`: float32 arrays w1, b1, w2, b2 and calibration (a, b); sha256 `{record['sha256']}` (pinned in code, checked before loading)",
         "- `config.json`: feature set, hyper-parameters and the hashes below",
         "- `metrics.json`: evaluation on the iid_test / ood_test rating files (never trained on)",
         "",
@@ -396,7 +396,6 @@ def provenance_markdown(record: dict[str, Any], metrics: dict[str, Any], args: a
         ),
         f"- question bank: ../shared/data/hm_questions.json, file sha256 `{record['question_bank_sha256']}`",
         f"- evaluation files (not trained on): dev `{record['eval_sha256']['dev']}`, ood `{record['eval_sha256']['ood']}`",
-        "",
         f"- calibration: agreement = clip(a + b * raw, 1, 7) with {json.dumps(record['calibration'])}, fitted on "
         "5-fold out-of-fold predictions by seed question (train questions only); b > 0 keeps every ranking unchanged",
         "",
