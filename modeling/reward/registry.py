@@ -48,14 +48,15 @@ def _build_cross_encoder(*, embedding_model: str, version_path: str | None, devi
 def _build_stance_head(*, embedding_model: str, version_path: str | None, device: str, allow_hub: bool = False) -> RewardModel:
     """The shipped stance head (sha256 pinned in stance_head.SHIPPED_SHA256), or a trained one in version_path.
 
-    The head was trained on one encoder's embeddings: the shipped head's config.json names
-    it, and that encoder is used whatever CONCORD_EMBEDDING_MODEL says.
+    The head was trained on one encoder's embeddings: its config.json names the encoder and
+    head.npz (checksummed) how many of its bottom layers were kept; that encoder is used
+    whatever CONCORD_EMBEDDING_MODEL says.
     """
     from .similarity import get_encoder
     from .stance_head import StanceHeadRewardModel, load_shipped_or_directory
 
     head, config, version = load_shipped_or_directory(version_path)
-    encoder = get_encoder(str(config.get("encoder", embedding_model)), device=device, allow_hub=allow_hub)
+    encoder = get_encoder(str(config.get("encoder", embedding_model)), device=device, allow_hub=allow_hub, layers=head.encoder_layers)
     train_mean = config.get("train_mean")
     return StanceHeadRewardModel(encoder, head, version, float(train_mean) if train_mean is not None else None)
 

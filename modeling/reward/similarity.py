@@ -129,6 +129,7 @@ class SentenceEncoder:
         allow_hub: bool = False,
         max_length: int = DEFAULT_MAX_LENGTH,
         max_batch: int = DEFAULT_MAX_BATCH,
+        layers: int | None = None,
     ) -> None:
         from transformers import AutoModel, AutoTokenizer
 
@@ -140,9 +141,16 @@ class SentenceEncoder:
         local_only = not allow_hub
         self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=local_only)
         self.model = AutoModel.from_pretrained(self.path, local_files_only=local_only).to(self.device).eval()
+        if layers is not None:
+            # Keep only the bottom `layers` transformer layers (the stance head is trained on those embeddings).
+            stack = self.model.encoder.layer
+            if not 1 <= layers <= len(stack):
+                raise ValueError(f"layers must be between 1 and {len(stack)}, got {layers}")
+            self.model.encoder.layer = stack[:layers]
+        self.layers = layers
         fingerprint = weights_fingerprint(self.path) if Path(self.path).is_dir() else None
         revision = getattr(self.model.config, "_commit_hash", None)
-        self.version = fingerprint or f"{model}@{revision or 'local-cache'}"
+        self.version = (fingerprint or f"{model}@{revision or 'local-cache'}") + (f"-l{layers}" if layers else "")
         # Fast tokenizers are not safe to call from several threads at once
         # ("Already borrowed"), and in-process tasks run in threads.
         self._lock = threading.Lock()
@@ -239,7 +247,7 @@ def _remove_direction(vectors: torch.Tensor, directions: torch.Tensor) -> torch.
 
 # One encoder per (model, device, options) per process: loading MiniLM takes ~1-2 s
 # and ~90 MB, and every in-process task thread should share it.
-_ENCODERS: dict[tuple[str, str, bool, int], SentenceEncoder] = {}
+_ENCODERS: dict[tuple[str, str, bool, int, int | None], SentenceEncoder] = {}
 _ENCODERS_LOCK = threading.Lock()
 
 
@@ -249,11 +257,12 @@ def get_encoder(
     device: str = "auto",
     allow_hub: bool = False,
     max_length: int = DEFAULT_MAX_LENGTH,
+    layers: int | None = None,
 ) -> SentenceEncoder:
-    key = (model, device, allow_hub, max_length)
+    key = (model, device, allow_hub, max_length, layers)
     with _ENCODERS_LOCK:
         encoder = _ENCODERS.get(key)
         if encoder is None:
-            encoder = SentenceEncoder(model, device=device, allow_hub=allow_hub, max_length=max_length)
+            encoder = SentenceEncoder(model, device=device, allow_hub=allow_hub, max_length=max_length, layers=layers)
             _ENCODERS[key] = encoder
         return encoder

@@ -38,7 +38,7 @@ from .similarity import SentenceEncoder
 SHIPPED_DIR = Path(__file__).resolve().parent / "shipped" / "stance-head"
 # sha256 of SHIPPED_DIR/head.npz; load_head refuses any other file. Update it only together with
 # the file and its PROVENANCE.md (python -m modeling.training.reward_head --out SHIPPED_DIR).
-SHIPPED_SHA256 = "374a729db247448b378f60da7bff8cabafc8a89c66146ab0091d11b3da2f1d7d"
+SHIPPED_SHA256 = "ad4e8a27b66dff87a96f650721fd8b4984bf2d1ca39f4da60bceec06bf977922"
 WEIGHTS_FILE = "head.npz"
 SHA256_FILE = "head.npz.sha256"
 CONFIG_FILE = "config.json"
@@ -101,6 +101,9 @@ class HeadWeights:
     feature_set: str
     # (a, b): agreement = clip(a + b * raw, 1, 7), fitted on out-of-fold predictions; (0, 1) is none.
     calibration: np.ndarray = field(default_factory=lambda: np.array([0.0, 1.0], dtype=np.float32))
+    # Bottom layers of the encoder the head was trained on (None: all). Stored in head.npz, so the
+    # checksum covers it: the same weights on another encoder depth would score nonsense.
+    encoder_layers: int | None = None
 
     def raw(self, x: np.ndarray) -> np.ndarray:
         hidden = torch.nn.functional.gelu(torch.from_numpy(x @ self.w1 + self.b1)).numpy()
@@ -117,7 +120,16 @@ class HeadWeights:
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / WEIGHTS_FILE
         with path.open("wb") as handle:
-            np.savez(handle, w1=self.w1, b1=self.b1, w2=self.w2, b2=self.b2, calibration=self.calibration)
+            np.savez(
+                handle,
+                w1=self.w1,
+                b1=self.b1,
+                w2=self.w2,
+                b2=self.b2,
+                calibration=self.calibration,
+                feature_set=np.array(self.feature_set),
+                encoder_layers=np.array(self.encoder_layers or 0, dtype=np.int64),
+            )
         config = {"feature_set": self.feature_set, **(extra_config or {})}
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         digest = file_sha256(path)
@@ -158,7 +170,8 @@ def load_head(directory: str | Path, expected_sha256: str | None) -> HeadWeights
             b1=arrays["b1"].astype(np.float32),
             w2=arrays["w2"].astype(np.float32),
             b2=arrays["b2"].astype(np.float32),
-            feature_set=str(config["feature_set"]),
+            feature_set=str(arrays["feature_set"]) if "feature_set" in arrays.files else str(config["feature_set"]),
+            encoder_layers=(int(arrays["encoder_layers"]) or None) if "encoder_layers" in arrays.files else None,
             calibration=(
                 arrays["calibration"].astype(np.float32) if "calibration" in arrays.files else np.array([0.0, 1.0], dtype=np.float32)
             ),

