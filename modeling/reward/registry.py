@@ -45,6 +45,22 @@ def _build_cross_encoder(*, embedding_model: str, version_path: str | None, devi
     return CrossEncoderRewardModel.load(version_path, device=device)
 
 
+def _build_stance_head(*, embedding_model: str, version_path: str | None, device: str, allow_hub: bool = False) -> RewardModel:
+    """The shipped stance head (sha256 pinned in stance_head.SHIPPED_SHA256), or a trained one in version_path.
+
+    The head was trained on one encoder's embeddings: its config.json names the encoder and
+    head.npz (checksummed) how many of its bottom layers were kept; that encoder is used
+    whatever CONCORD_EMBEDDING_MODEL says.
+    """
+    from .similarity import get_encoder
+    from .stance_head import StanceHeadRewardModel, load_shipped_or_directory
+
+    head, config, version = load_shipped_or_directory(version_path)
+    encoder = get_encoder(str(config.get("encoder", embedding_model)), device=device, allow_hub=allow_hub, layers=head.encoder_layers)
+    train_mean = config.get("train_mean")
+    return StanceHeadRewardModel(encoder, head, version, float(train_mean) if train_mean is not None else None)
+
+
 def _build_constant(*, embedding_model: str, version_path: str | None, device: str) -> RewardModel:
     from .constant import ConstantRewardModel
 
@@ -54,6 +70,8 @@ def _build_constant(*, embedding_model: str, version_path: str | None, device: s
 REWARD_MODELS: dict[str, RewardModelFactory] = {
     "similarity": _build_similarity,
     "cross-encoder": _build_cross_encoder,
+    # The default: a small head on frozen MiniLM embeddings, shipped in modeling/reward/shipped/stance-head/.
+    "stance-head": _build_stance_head,
     # No reward model: every candidate ties, so the first K written are shown (an experiment's baseline arm).
     "none": _build_constant,
 }
@@ -62,9 +80,7 @@ _CACHE: dict[tuple[Any, ...], RewardModel] = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def _cache_key(
-    name: str, embedding_model: str, version_path: str | None, device: str, opts: dict[str, Any]
-) -> tuple[Any, ...]:
+def _cache_key(name: str, embedding_model: str, version_path: str | None, device: str, opts: dict[str, Any]) -> tuple[Any, ...]:
     return (
         name,
         embedding_model,

@@ -55,6 +55,8 @@ DEFAULT_MAX_LENGTH = 256
 # candidates + 1 question) is always one pass; large offline evaluations are chunked
 # so attention memory stays bounded.
 DEFAULT_MAX_BATCH = 256
+# On CPU, texts are encoded in length-sorted chunks of this many (less padding; see encode).
+CPU_CHUNK = 8
 
 PLAIN_RANGE = (0.1, 1.0)
 QUESTION_AWARE_RANGE = (-0.2, 1.0)
@@ -127,6 +129,7 @@ class SentenceEncoder:
         allow_hub: bool = False,
         max_length: int = DEFAULT_MAX_LENGTH,
         max_batch: int = DEFAULT_MAX_BATCH,
+        layers: int | None = None,
     ) -> None:
         from transformers import AutoModel, AutoTokenizer
 
@@ -138,28 +141,47 @@ class SentenceEncoder:
         local_only = not allow_hub
         self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=local_only)
         self.model = AutoModel.from_pretrained(self.path, local_files_only=local_only).to(self.device).eval()
+        if layers is not None:
+            # Keep only the bottom `layers` transformer layers (the stance head is trained on those embeddings).
+            stack = self.model.encoder.layer
+            if not 1 <= layers <= len(stack):
+                raise ValueError(f"layers must be between 1 and {len(stack)}, got {layers}")
+            self.model.encoder.layer = stack[:layers]
+        self.layers = layers
         fingerprint = weights_fingerprint(self.path) if Path(self.path).is_dir() else None
         revision = getattr(self.model.config, "_commit_hash", None)
-        self.version = fingerprint or f"{model}@{revision or 'local-cache'}"
+        self.version = (fingerprint or f"{model}@{revision or 'local-cache'}") + (f"-l{layers}" if layers else "")
         # Fast tokenizers are not safe to call from several threads at once
         # ("Already borrowed"), and in-process tasks run in threads.
         self._lock = threading.Lock()
 
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
-        """Embeddings for `texts`, one row each, in order (float32 on CPU)."""
-        rows: list[torch.Tensor] = []
+        """Embeddings for `texts`, one row each, in order (float32 on CPU).
+
+        Texts are sorted by length and encoded in chunks (8 on CPU, max_batch on GPU), so each
+        chunk pads only to its own longest text: a mediation step mixes 10-token questions with
+        250-token opinions, and padding everything to the longest doubled the CPU cost. The
+        result equals unsorted encoding up to float rounding (padding is masked).
+        """
+        if not texts:
+            return torch.empty((0, self.model.config.hidden_size))
+        order = sorted(range(len(texts)), key=lambda index: len(texts[index]))
+        chunk_size = self.max_batch if self.device.type == "cuda" else min(self.max_batch, CPU_CHUNK)
+        rows = torch.empty((len(texts), self.model.config.hidden_size))
         with self._lock, torch.inference_mode():
-            for start in range(0, len(texts), self.max_batch):
-                chunk = list(texts[start : start + self.max_batch])
+            for start in range(0, len(order), chunk_size):
+                indices = order[start : start + chunk_size]
                 batch = self.tokenizer(
-                    chunk, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+                    [texts[index] for index in indices],
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_length,
+                    return_tensors="pt",
                 ).to(self.device)
                 hidden = self.model(**batch).last_hidden_state
                 pooled = mean_pool(hidden, batch["attention_mask"])
-                rows.append(torch.nn.functional.normalize(pooled, dim=-1).float().cpu())
-        if not rows:
-            return torch.empty((0, self.model.config.hidden_size))
-        return torch.cat(rows)
+                rows[indices] = torch.nn.functional.normalize(pooled, dim=-1).float().cpu()
+        return rows
 
 
 def cosine_to_likert(cosine: torch.Tensor, low: float, high: float) -> torch.Tensor:
@@ -225,7 +247,7 @@ def _remove_direction(vectors: torch.Tensor, directions: torch.Tensor) -> torch.
 
 # One encoder per (model, device, options) per process: loading MiniLM takes ~1-2 s
 # and ~90 MB, and every in-process task thread should share it.
-_ENCODERS: dict[tuple[str, str, bool, int], SentenceEncoder] = {}
+_ENCODERS: dict[tuple[str, str, bool, int, int | None], SentenceEncoder] = {}
 _ENCODERS_LOCK = threading.Lock()
 
 
@@ -235,11 +257,12 @@ def get_encoder(
     device: str = "auto",
     allow_hub: bool = False,
     max_length: int = DEFAULT_MAX_LENGTH,
+    layers: int | None = None,
 ) -> SentenceEncoder:
-    key = (model, device, allow_hub, max_length)
+    key = (model, device, allow_hub, max_length, layers)
     with _ENCODERS_LOCK:
         encoder = _ENCODERS.get(key)
         if encoder is None:
-            encoder = SentenceEncoder(model, device=device, allow_hub=allow_hub, max_length=max_length)
+            encoder = SentenceEncoder(model, device=device, allow_hub=allow_hub, max_length=max_length, layers=layers)
             _ENCODERS[key] = encoder
         return encoder

@@ -1,6 +1,7 @@
 """Train the cross-encoder reward model and register it as a RewardModelVersion.
 
     python manage.py train_reward_model [--data FILE.jsonl] [--epochs E] [--seed S] [--pairwise-weight W]
+    python manage.py train_reward_model --kind stance-head [--data FILE.jsonl] [--synthetic-questions N]
 
 Without --data it trains on the ratings in the database. Prints JSON with the new
 RewardModelVersion id (`version`), where the weights are, and validation metrics
@@ -63,14 +64,34 @@ def rows_from_database() -> list[TrainingRow]:
     return rows_from_mappings(raws, source="rating")
 
 
+def _register(directory: Path, **fields: Any) -> RewardModelVersion:
+    try:
+        with transaction.atomic():
+            return RewardModelVersion.objects.create(path=str(directory), **fields)
+    except Exception:
+        # Unregistered weights would be orphaned on disk.
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+
+
 class Command(BaseCommand):
     help = "Train the cross-encoder reward model (on --data JSONL or the database's ratings) and register it."
 
     def add_arguments(self, parser: CommandParser) -> None:
         defaults = TrainingConfig()
         parser.add_argument(
-            "--data", help="JSONL rows: group_id, participant_id, question, opinion, statement, agreement."
+            "--kind",
+            choices=("cross-encoder", "stance-head"),
+            default="cross-encoder",
+            help="cross-encoder (fine-tuned MiniLM) or stance-head (a small head on frozen embeddings).",
         )
+        parser.add_argument(
+            "--synthetic-questions",
+            type=int,
+            default=0,
+            help="stance-head: add synthetic stance rows from this many question-bank train questions.",
+        )
+        parser.add_argument("--data", help="JSONL rows: group_id, participant_id, question, opinion, statement, agreement.")
         parser.add_argument("--epochs", type=int, default=defaults.epochs)
         parser.add_argument("--seed", type=int, default=defaults.seed)
         parser.add_argument(
@@ -86,9 +107,7 @@ class Command(BaseCommand):
         parser.add_argument("--patience", type=int, default=defaults.patience)
         parser.add_argument("--encoder-layers", type=int, default=None, help="Keep only the bottom N encoder layers.")
         parser.add_argument("--trainable-layers", type=int, default=None, help="Fine-tune only the top N layers.")
-        parser.add_argument(
-            "--base-model", default=None, help="Encoder to start from (default: CONCORD_EMBEDDING_MODEL)."
-        )
+        parser.add_argument("--base-model", default=None, help="Encoder to start from (default: CONCORD_EMBEDDING_MODEL).")
         parser.add_argument("--device", default=None, help="auto, cpu or cuda (default: CONCORD_DEVICE).")
         parser.add_argument("--no-baselines", action="store_true", help="Skip scoring the similarity baselines.")
 
@@ -99,6 +118,9 @@ class Command(BaseCommand):
             raise CommandError(str(error)) from error
         if not rows:
             raise CommandError("no ratings with an opinion in the database to train on; pass --data FILE.jsonl")
+        if options["kind"] == "stance-head":
+            self._train_stance_head(rows, options)
+            return
         try:
             config = TrainingConfig(
                 base_model=options["base_model"] or settings.CONCORD_EMBEDDING_MODEL,
@@ -151,3 +173,31 @@ class Command(BaseCommand):
                 }
             )
         )
+
+    def _train_stance_head(self, rows: list[TrainingRow], options: dict[str, Any]) -> None:
+        from modeling.training.reward_head import EmbeddingCache, HeadConfig, encoder_embed, synthetic_rows, train_and_save
+
+        encoder = options["base_model"] or settings.CONCORD_EMBEDDING_MODEL
+        device = options["device"] or settings.CONCORD_DEVICE
+        config = HeadConfig(seed=options["seed"], pairwise_weight=options["pairwise_weight"])
+        try:
+            synthetic = synthetic_rows(options["synthetic_questions"], seed=options["seed"]) if options["synthetic_questions"] else []
+            embed = EmbeddingCache(encoder_embed(encoder, "cpu" if device == "auto" else device))
+            directory = Path(settings.CONCORD_MODEL_STORE) / "reward" / uuid.uuid4().hex
+            record = train_and_save(rows, directory, embed, config, synthetic=synthetic, encoder=encoder)
+        except (DatasetError, ValueError, FileNotFoundError) as error:
+            raise CommandError(str(error)) from error
+        version = _register(
+            directory,
+            kind="stance-head",
+            base_model=encoder,
+            dataset_sha256=record["dataset_sha256"],
+            metrics={"train_mean": record["train_mean"], "train_rows": record["train_rows"], **record["train_metrics"]},
+            params={
+                **record["config"],
+                "sha256": record["sha256"],
+                "synthetic_rows": record["synthetic_rows"],
+                "data": options["data"] or "database",
+            },
+        )
+        self.stdout.write(json.dumps({"version": version.pk, "path": str(directory), **record}))
