@@ -29,13 +29,19 @@ CANDIDATE_FIELDS = {
 pytestmark = pytest.mark.django_db
 
 
+@pytest.fixture(autouse=True)
+def _untuned_site_default(settings) -> None:
+    """These tests are about the command's mechanics on the base model; the site's tuned default has its own test."""
+    settings.CONCORD_GENERATOR_ADAPTER = "none"
+
+
 def _run(*arguments: str) -> tuple[dict, str]:
     out, err = StringIO(), StringIO()
     call_command("evaluate_generator", *arguments, stdout=out, stderr=err)
     return json.loads(out.getvalue()), err.getvalue()
 
 
-def test_two_groups_with_the_standin(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_two_groups_with_the_standin(tmp_path: Path, capsys: pytest.CaptureFixture[str], settings) -> None:
     out = tmp_path / "quality.json"
     call_command("evaluate_generator", "--data", str(DEV), "--groups", "2", "--n", "6", "--seed", "4",
                  "--out", str(out))
@@ -44,7 +50,7 @@ def test_two_groups_with_the_standin(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert report["settings"] == {"n": 6, "shown_k": 4, "max_new_tokens": 40, "seed": 4, "welfare": "utilitarian"}
     (run,) = report["runs"]
     assert run["label"] == "base" and run["generator"]["backend"] == "stand-in"
-    assert run["reward_model"]["name"] == "similarity"
+    assert run["reward_model"]["name"] == settings.CONCORD_REWARD_MODEL
     candidates = run["candidates"]
     assert len(candidates) == 12 and all(set(row) == CANDIDATE_FIELDS for row in candidates)
     for group_id in ("dev-001", "dev-002"):
@@ -107,6 +113,14 @@ def test_a_bad_file_is_a_clear_error(tmp_path: Path, content: str, message: str)
 def test_a_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(CommandError, match="missing_dev.jsonl"):
         _run("--data", str(tmp_path / "missing_dev.jsonl"))
+
+
+def test_the_site_default_is_evaluated_as_its_version_and_against_its_base(settings) -> None:
+    settings.CONCORD_GENERATOR_ADAPTER = "shipped"
+    report, _ = _run("--data", str(DEV), "--groups", "1", "--n", "2", "--compare-base")
+    base, tuned = report["runs"]
+    assert (base["label"], tuned["label"]) == ("base", "consensus-sft-v1")
+    assert tuned["adapter"].endswith("consensus-sft-v1")
 
 
 @pytest.mark.parametrize(
