@@ -8,8 +8,7 @@ with `modeling.generation.quality.assess`. The run's JSON has one row per candid
 and a summary; the figures that matter most are the usable rate, the groups with at least K usable
 candidates (a room shows K), and shown statements that carry an injected payload (should be 0).
 
-A tuned LoRA adapter is evaluated with `load_adapter_generator`, a stop-gap until generator versions
-(a registry of tuned generators) are wired into the generator configuration.
+A tuned adapter is evaluated through GeneratorConfig(adapter=...), as rooms load it.
 """
 
 from __future__ import annotations

@@ -7,10 +7,11 @@ step is testable without Django.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 from .generation.base import Candidate, GenerationRequest, Generator, SamplingParams
+from .generation.quality import carried_payloads, find_injection
 from .reward.base import AgreementQuery, RewardModel
 from .welfare import WelfareResult, rank_candidates
 
@@ -32,6 +33,25 @@ class MediationResult:
     welfare: WelfareResult
     reward_model: str
     reward_model_version: str
+    # Candidates that repeat what an opinion tried to make the mediator say (a URL, a shouted slogan,
+    # "end with ..."): ranked after every other candidate, so they are shown only if nothing else is left.
+    demoted: list[int] = field(default_factory=list)
+
+
+def demote_injected(candidates: Sequence[Candidate], opinions: Sequence[str], ranking: list[int]) -> tuple[list[int], list[int]]:
+    """(new ranking, demoted indices): candidates carrying a payload of an opinion's injection attempt go last.
+
+    The reward model cannot be trusted with these: the injecting member's "opinion" is the payload, so
+    a statement that repeats it may even be predicted to please them. Only real attempts count
+    (modeling.generation.quality.find_injection), not an opinion that merely mentions a website.
+    """
+    payloads = [payload for opinion in opinions if (attempt := find_injection(opinion)) for payload in attempt.payloads]
+    if not payloads:
+        return ranking, []
+    demoted = [index for index in ranking if carried_payloads(candidates[index].text, payloads)]
+    if not demoted:
+        return ranking, []
+    return [index for index in ranking if index not in demoted] + demoted, demoted
 
 
 def mediate(
@@ -69,6 +89,7 @@ def mediate(
     predicted = [flat[p * len(candidates) : (p + 1) * len(candidates)] for p in range(len(opinions))]
     # The round's seed also seeds the tie-break, so a round's ranking can be reproduced.
     welfare = rank_candidates(predicted, method=welfare_method, alpha=welfare_alpha, tie_break=welfare_tie_break, seed=seed)
+    welfare.ranking, demoted = demote_injected(candidates, opinions, welfare.ranking)
     notify(PipelineStage.RANKING, len(candidates), len(candidates))
     return MediationResult(
         candidates=candidates,
@@ -76,4 +97,5 @@ def mediate(
         welfare=welfare,
         reward_model=reward_model.name,
         reward_model_version=reward_model.version,
+        demoted=demoted,
     )
