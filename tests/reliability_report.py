@@ -32,7 +32,7 @@ RELIABILITY_FILES = (
     "tests/e2e/test_reconnect.py",
     "tests/deliberation/test_abuse.py",
     "tests/deliberation/test_multi_process.py",
-    "tests/deliberation/test_bots.py",
+    "tests/simulation/test_bots.py",
     "tests/deliberation/test_consumer_fanout.py",
     "tests/deliberation/test_deploy_config.py",
     "tests/deliberation/test_round_integration.py",
