@@ -101,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
               f"finish {summary['finish_reasons']}, mean tokens {summary['mean_completion_tokens']}, "
               f"{summary['seconds']}s")
     print(f"wrote {args.out}")
+    failed = sum(run["summary"]["groups_failed"] for run in runs)
+    if failed:
+        print(f"generation failed for {failed} group(s); see the per-group errors in {args.out}", file=sys.stderr)
+        return 1
     return 0
 
 

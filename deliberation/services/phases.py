@@ -158,7 +158,8 @@ def round_deadline_fire(*, round_id: int, phase: str) -> str:
             round_finish(round_=round_, outcome=Round.Outcome.ABANDONED)
             return "abandoned"
         if phase == Round.Phase.RATING:
-            unfinished = [p for p in round_.active_participants() if p.finished_at is None and p.pk in round_.rater_ids()]
+            raters = round_.rater_ids()
+            unfinished = [p for p in round_.active_participants() if p.finished_at is None and p.pk in raters]
             _drop_out(participants=unfinished, reason="did not finish rating before the deadline")
             round_finish(round_=round_, outcome=Round.Outcome.COMPLETED)
             return "done"

@@ -29,7 +29,9 @@ def _slice(source: Path, target: Path, count: int) -> Path:
 
 def test_a_failed_run_registers_nothing_and_says_why(tmp_path: Path, settings) -> None:
     settings.CONCORD_MODEL_STORE = tmp_path
-    data = _slice(SEED, tmp_path / "seed.jsonl", 2)
+    # The plain format (no ids, no seed-set fields) is read: the run gets as far as loading the model.
+    data = tmp_path / "plain.jsonl"
+    data.write_text(json.dumps({"question": "Q?", "opinions": ["yes", "no"], "statement": "We differ."}) + "\n", encoding="utf-8")
     with pytest.raises(CommandError, match="Training failed .*no version was registered"):
         call_command("train_generator", "--data", str(data), "--base", str(tmp_path / "no-such-model"), "--max-steps", "1")
     assert not GeneratorVersion.objects.exists()
@@ -53,7 +55,7 @@ def test_bad_options_are_clear_errors(tmp_path: Path, arguments: list[str], mess
 def test_a_malformed_data_file_names_its_line(tmp_path: Path) -> None:
     bad = tmp_path / "seed.jsonl"
     bad.write_text('{"group_id": "x"}\n', encoding="utf-8")
-    with pytest.raises(CommandError, match="line 1"):
+    with pytest.raises(CommandError, match="seed.jsonl:1: 'question'"):
         call_command("train_generator", "--data", str(bad))
 
 

@@ -153,6 +153,9 @@ class Command(BaseCommand):
             progress(f"wrote {options['out']}")
         else:
             self.stdout.write(text)
+        failed = sum(run["summary"]["groups_failed"] for run in runs)
+        if failed:
+            raise CommandError(f"generation failed for {failed} group(s); see the report's per-group errors.")
 
 
 def _headline(summary: dict[str, Any]) -> dict[str, Any]:

@@ -30,7 +30,10 @@ class Command(BaseCommand):
     help = "Fine-tune the generator (LoRA by default) on consensus statements and register a GeneratorVersion."
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("--data", required=True, type=Path, help="Training groups (JSONL, consensus-seed format).")
+        parser.add_argument(
+            "--data", required=True, type=Path,
+            help="Training groups, JSONL: one object per line with question, opinions (list) and statement.",
+        )
         parser.add_argument("--eval", type=Path, help="Held-out groups for the loss before and after (never trained on).")
         parser.add_argument("--base", default="", help="Base model (default: the site's CONCORD_GENERATOR_MODEL).")
         method = parser.add_mutually_exclusive_group()
@@ -50,8 +53,7 @@ class Command(BaseCommand):
         parser.add_argument("--out", type=Path, help="Directory for the weights (default: CONCORD_MODEL_STORE/generators/NAME).")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        from modeling.training.consensus_data import DatasetError, load_groups
-        from modeling.training.sft import build_sft_examples, train_sft
+        from modeling.training.sft import SFTDataError, build_sft_examples, load_groups, train_sft
 
         data: Path = options["data"]
         eval_path: Path | None = options["eval"]
@@ -67,10 +69,14 @@ class Command(BaseCommand):
             if parent is None:
                 raise CommandError(f"No generator version named {options['parent']!r}.")
         try:
-            groups = load_groups(data)
-            eval_groups = load_groups(eval_path) if eval_path else []
-        except DatasetError as error:
+            # The plain SFT format (question, opinions, statement; group_id optional), so any consensus
+            # file trains, not only the seed set's richer format (which it also reads).
+            groups = load_groups([data])
+            eval_groups = load_groups([eval_path]) if eval_path else []
+        except SFTDataError as error:
             raise CommandError(str(error)) from None
+        except OSError as error:
+            raise CommandError(f"cannot read training data: {error}") from None
         if not groups:
             raise CommandError(f"{data} has no training groups.")
         name = slugify(options["name"]) or f"sft-{slugify(data.stem)}-{time.strftime('%Y%m%d-%H%M%S')}"

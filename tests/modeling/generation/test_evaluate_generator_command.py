@@ -185,3 +185,22 @@ def test_an_adapter_against_its_base(
     assert tuned["candidates"][0]["text"] == base["candidates"][0]["text"]
     # The cached base generator was left untouched.
     assert generator.model_id == DEFAULT_MODEL_ALIAS
+
+
+def test_a_run_whose_generation_failed_writes_its_report_and_exits_non_zero(tmp_path: Path, monkeypatch) -> None:
+    from deliberation import mediator
+    from modeling.generation.base import GenerationError
+
+    class Broken:
+        backend, model_id, model_revision = "broken", "broken", "0"
+
+        def generate(self, request, *, on_progress=None):
+            raise GenerationError("the model server answered 500")
+
+    monkeypatch.setattr(mediator, "load_generator", lambda config: Broken())
+    out = tmp_path / "quality.json"
+    with pytest.raises(CommandError, match="generation failed for 2 group"):
+        call_command("evaluate_generator", "--data", str(DEV), "--groups", "2", "--n", "2", "--out", str(out),
+                     stderr=StringIO())
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["summary"]["groups_failed"] == 2
