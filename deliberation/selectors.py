@@ -7,6 +7,8 @@ import random
 from dataclasses import dataclass, field
 
 from modeling.likert import AGREEMENT_LABELS
+from modeling.pipeline import demote_injected
+from modeling.welfare import WELFARE_METHODS
 
 from .models import (
     AttentionCheck,
@@ -348,13 +350,33 @@ def monitor_state(room: Room) -> MonitorState:
         rankings=rankings,
         ranking_rows=[(r.participant.label, [index_of[cid] for cid in r.order if cid in index_of]) for r in rankings],
         rating_count=sum(1 for row in rows for r in row.ratings if r is not None),
-        explanation=_explain_ranking(rows, participants, room.arm.welfare_method, room.arm.welfare_alpha),
+        explanation=" ".join(
+            part
+            for part in (
+                _explain_ranking(rows, participants, room.arm.welfare_method, room.arm.welfare_alpha),
+                _explain_demotion(rows, [o.text for o in opinions.values()]),
+            )
+            if part
+        ),
         welfare_methods=list(MONITOR_WELFARE_METHODS),
     )
 
 
-# The columns of the monitor's welfare table, in the order researchers read them.
-MONITOR_WELFARE_METHODS = ("utilitarian", "rawlsian", "nash", "isoelastic", "borda", "schulze")
+# The columns of the monitor's welfare table: every registered welfare function, in registry order.
+MONITOR_WELFARE_METHODS = tuple(WELFARE_METHODS)
+
+
+def _explain_demotion(rows: list[MonitorCandidate], opinion_texts: list[str]) -> str:
+    """Why a statement the welfare function preferred is ranked last: it repeats an injected instruction
+    (modeling.pipeline.demote_injected, applied when the round was mediated)."""
+    _, demoted = demote_injected([row.candidate for row in rows], opinion_texts, list(range(len(rows))))
+    if not demoted:
+        return ""
+    labels = ", ".join(f"#{rows[i].candidate.index}" for i in demoted)
+    return (
+        f"Ranked after all others whatever their welfare: {labels}, which repeat an instruction "
+        "an opinion tried to give the mediator."
+    )
 
 
 def _explain_ranking(rows: list[MonitorCandidate], participants: list[Participant], method: str, alpha: float) -> str:

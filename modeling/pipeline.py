@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Protocol
 
 from .generation.base import Candidate, GenerationRequest, Generator, SamplingParams
 from .generation.quality import carried_payloads, find_injection
@@ -19,6 +20,13 @@ from .welfare import WelfareResult, rank_candidates
 class PipelineStage(StrEnum):
     GENERATING = "generating"
     RANKING = "ranking"
+
+
+class HasText(Protocol):
+    """A written statement: a generated Candidate, or a stored one."""
+
+    @property
+    def text(self) -> str: ...
 
 
 # on_stage(stage, done, total)
@@ -38,7 +46,7 @@ class MediationResult:
     demoted: list[int] = field(default_factory=list)
 
 
-def demote_injected(candidates: Sequence[Candidate], opinions: Sequence[str], ranking: list[int]) -> tuple[list[int], list[int]]:
+def demote_injected(candidates: Sequence[HasText], opinions: Sequence[str], ranking: list[int]) -> tuple[list[int], list[int]]:
     """(new ranking, demoted indices): candidates carrying a payload of an opinion's injection attempt go last.
 
     The reward model cannot be trusted with these: the injecting member's "opinion" is the payload, so
