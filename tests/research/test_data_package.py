@@ -4,6 +4,7 @@ privacy facts are in it."""
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import zipfile
@@ -12,6 +13,7 @@ from pathlib import Path
 import datasets
 import frictionless
 import pytest
+from django.urls import reverse
 
 from deliberation.models import Candidate, Opinion
 from research.exports import TABLES, code_version, write_dataset
@@ -132,3 +134,44 @@ def test_candidates_carry_their_sampling_and_opinions_their_replay_order(researc
     assert experiment_row["consent_text"] == study.experiment.consent_text
     assert experiment_row["rate_opinions"] is True and experiment_row["opinion_seconds"] == study.experiment.opinion_seconds
     assert experiment_row["code_version"] == code_version()
+
+
+def _readme(folder: Path) -> str:
+    return (folder / "README.md").read_text(encoding="utf-8")
+
+
+def test_an_export_keyed_with_the_public_fallback_key_warns_in_the_readme_page_and_command(
+    client, researcher, settings, tmp_path: Path, capsys
+) -> None:
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    settings.SECRET_KEY = settings.INSECURE_FALLBACK_SECRET_KEY
+    study = build_study(owner=researcher)
+    folder, _ = _export(study.experiment, tmp_path, "csv")
+    assert "## Privacy warning: pseudonyms can be reversed" in _readme(folder)
+    assert "fallback key, which is public" in _readme(folder)
+    package = json.loads((folder / "datapackage.json").read_text())
+    assert package["concord"]["pseudonyms_reversible"] is True and "SECRET_KEY" in package["concord"]["privacy_warning"]
+    (experiment_row,) = csv.DictReader((folder / "experiment.csv").read_text().splitlines())
+    assert experiment_row["pseudonyms_keyed_with_site_secret"] == "false"
+    # The researcher sees it on the exports page before exporting.
+    client.force_login(researcher)
+    page = client.get(reverse("exports_page", args=[study.experiment.slug])).content.decode()
+    assert 'id="pseudonym-warning"' in page and "map each pseudonym back" in page
+    # And the command says it.
+    stderr = StringIO()
+    call_command("export_dataset", "--experiment", study.experiment.slug, "--format", "csv", "--out", str(tmp_path / "cmd"), stderr=stderr, stdout=StringIO())
+    assert "fallback key" in stderr.getvalue()
+
+
+def test_an_export_keyed_with_the_sites_own_secret_does_not_warn(client, researcher, settings, tmp_path: Path) -> None:
+    settings.SECRET_KEY = "a-long-random-secret-of-this-site-" + "x" * 40
+    study = build_study(owner=researcher)
+    folder, _ = _export(study.experiment, tmp_path, "csv")
+    assert "Privacy warning" not in _readme(folder)
+    assert json.loads((folder / "datapackage.json").read_text())["concord"]["pseudonyms_reversible"] is False
+    client.force_login(researcher)
+    page = client.get(reverse("exports_page", args=[study.experiment.slug])).content.decode()
+    assert "pseudonym-warning" not in page
