@@ -1068,17 +1068,18 @@ def data_dictionary(ctx: ExportContext, fmt: str, row_counts: dict[str, int], cr
             resource["data"] = [[c.name for c in columns]]
             resource["description"] += f" (No rows: `{path}` is empty.)"
         resources.append(resource)
-    package = {
+    concord: dict[str, Any] = {"code_version": version, "pseudonyms_reversible": pseudonyms_reversible()}
+    if pseudonyms_reversible():
+        concord["privacy_warning"] = PSEUDONYM_KEY_WARNING
+    package: dict[str, Any] = {
         "profile": "tabular-data-package",
         "name": f"concord-{experiment.slug}".lower(),
         "title": f"Concord dataset: {experiment.name}",
         "created": created_at.isoformat(),
         "version": version,
-        "concord": {"code_version": version, "pseudonyms_reversible": pseudonyms_reversible()},
+        "concord": concord,
         "resources": resources,
     }
-    if pseudonyms_reversible():
-        package["concord"]["privacy_warning"] = PSEUDONYM_KEY_WARNING
     if uses_hm_bank:
         package["sources"] = [{"title": "Habermas Machine question bank (google-deepmind/habermas_machine)"}]
         package["licenses"] = [{"name": "CC-BY-4.0", "title": "Creative Commons Attribution 4.0 (question bank)", "path": "https://creativecommons.org/licenses/by/4.0/"}]
