@@ -502,8 +502,8 @@ CANDIDATES = Table(
         Column(
             "seed", "integer",
             "Seed of the generation request that wrote it: the round's seed (groups.seed) for the room's arm; in a head-to-head "
-            "round the compared arm's request uses a seed derived from it. Opinion orders and sampling seeds derive from it "
-            "(see sampling_seed).",
+            "round the compared arm's request uses Python's random.Random(\"<round seed>:arm:<source_arm_id>\").getrandbits(31) "
+            "(MediationInput.seed_for). Opinion orders and sampling seeds derive from it (see sample_index and sampling_seed).",
         ),
         Column("opinion_order", "string", "JSON array of participant ids, in the order their opinions appeared in the prompt. " + P),
         Column("prompt", "string", "The full prompt given to the generator."),

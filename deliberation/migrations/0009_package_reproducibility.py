@@ -3,6 +3,19 @@
 from django.db import migrations, models
 
 
+def backfill_generation_positions(apps, schema_editor):
+    """Rounds mediated before positions were recorded: the generator was given the opinions of the
+    participants its candidates quote, ordered by participant id (mediation_claim's order then)."""
+    Candidate = apps.get_model("deliberation", "Candidate")
+    Opinion = apps.get_model("deliberation", "Opinion")
+    included_by_round: dict[int, set[int]] = {}
+    for round_id, order in Candidate.objects.values_list("round_id", "opinion_order").iterator(chunk_size=2000):
+        included_by_round.setdefault(round_id, set()).update(order or [])
+    for round_id, included in included_by_round.items():
+        for position, participant_id in enumerate(sorted(included)):
+            Opinion.objects.filter(round_id=round_id, participant_id=participant_id).update(generation_position=position)
+
+
 class Migration(migrations.Migration):
 
     dependencies = [
@@ -40,4 +53,5 @@ class Migration(migrations.Migration):
             name='generation_position',
             field=models.PositiveSmallIntegerField(blank=True, null=True),
         ),
+        migrations.RunPython(backfill_generation_positions, migrations.RunPython.noop),
     ]
