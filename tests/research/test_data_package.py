@@ -175,3 +175,17 @@ def test_an_export_keyed_with_the_sites_own_secret_does_not_warn(client, researc
     client.force_login(researcher)
     page = client.get(reverse("exports_page", args=[study.experiment.slug])).content.decode()
     assert "pseudonym-warning" not in page
+
+
+def test_the_code_version_is_the_setting_the_commit_or_unknown_never_made_up(settings, tmp_path: Path) -> None:
+    import subprocess
+
+    settings.CONCORD_CODE_VERSION = ""
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=settings.BASE_DIR, capture_output=True, text=True).stdout.strip()
+    assert code_version().removesuffix("-dirty") == head
+    settings.CONCORD_CODE_VERSION = "concord-image-1.4.0"
+    assert code_version() == "concord-image-1.4.0"
+    # No checkout and no setting (an image built without the build argument): say so.
+    settings.CONCORD_CODE_VERSION = ""
+    settings.BASE_DIR = tmp_path
+    assert code_version() == "unknown"
