@@ -29,10 +29,16 @@ RUNNING_TESTS = "pytest" in sys.modules
 # Commands that only read or write migration files sign nothing, so a checkout can check its
 # migrations (`manage.py makemigrations --check`, as CI hooks do) without a production secret.
 SIGNS_NOTHING = sys.argv[1:2] in (["makemigrations"], ["showmigrations"], ["sqlmigrate"])
+# The demo's fixed key: public (it is in this file), so anything keyed with it, such as the export's
+# participant pseudonyms, can be reversed by anyone (research/exports.py warns when it is in use).
+INSECURE_FALLBACK_SECRET_KEY = "insecure-development-key-do-not-use-in-production"
 if not SECRET_KEY:
     if not DEBUG and not RUNNING_TESTS and not SIGNS_NOTHING:
         raise ImproperlyConfigured("SECRET_KEY must be set when DEBUG is off (make run sets DEBUG=1 for you).")
-    SECRET_KEY = "insecure-development-key-do-not-use-in-production"
+    SECRET_KEY = INSECURE_FALLBACK_SECRET_KEY
+# The software version exports record: set by a deployment without a git checkout (a container
+# image: `docker build --build-arg CONCORD_CODE_VERSION=$(git rev-parse HEAD)`); blank: ask git.
+CONCORD_CODE_VERSION = env_str("CONCORD_CODE_VERSION")
 
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]", "testserver"])
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])

@@ -478,6 +478,10 @@ class Opinion(models.Model):
     participant = models.ForeignKey(Participant, on_delete=models.CASCADE, related_name="opinions")
     text = models.TextField()
     created_at = models.DateTimeField(auto_now_add=True)
+    # Position in the list of opinions mediation gave the generator (0-based): candidates' opinion
+    # orders index this list, so a round replays only with its opinions in this order. Null: not
+    # given to the generator (the excluded member's, a dropout's, or not mediated yet).
+    generation_position = models.PositiveSmallIntegerField(null=True, blank=True)
 
     class Meta:
         ordering = ["id"]
@@ -498,6 +502,14 @@ class Candidate(models.Model):
     prompt_tokens = models.PositiveIntegerField(default=0)
     completion_tokens = models.PositiveIntegerField(default=0)
     latency_ms = models.FloatField(default=0)
+    # Reproducibility (null on rows stored before they were recorded): which sample of the generation
+    # request this is, the seed its backend's sampler was given (modeling.generation.cleaning.RawSample),
+    # and the sampling settings asked for.
+    sample_index = models.PositiveIntegerField(null=True, blank=True)
+    sampling_seed = models.BigIntegerField(null=True, blank=True)
+    temperature = models.FloatField(null=True, blank=True)
+    top_p = models.FloatField(null=True, blank=True)
+    max_new_tokens = models.PositiveIntegerField(null=True, blank=True)
     welfare = models.FloatField(null=True, blank=True)
     welfare_method = models.CharField(max_length=20, blank=True)
     rank = models.PositiveSmallIntegerField(null=True, blank=True)  # 1 = best under the arm's welfare

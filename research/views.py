@@ -20,7 +20,7 @@ from deliberation.http import HtmxHttpRequest
 from deliberation.models import Experiment
 
 from . import analytics, selectors, services
-from .exports import export_for
+from .exports import PSEUDONYM_KEY_WARNING, export_for, pseudonyms_reversible
 from .models import DatasetExport
 
 
@@ -115,7 +115,12 @@ def exports_page(request: HtmxHttpRequest, slug: str) -> HttpResponse:
         return redirect("exports_page", slug=experiment.slug)
     template = "research/partials/exports_table.html" if request.htmx else "research/exports.html"
     formats = list(DatasetExport.Format.choices)
-    return render(request, template, {"experiment": experiment, "exports": selectors.exports_for(experiment), "formats": formats})
+    # On a site with the public fallback key, pseudonyms can be mapped back to participants: say so before anyone exports.
+    pseudonym_warning = PSEUDONYM_KEY_WARNING if pseudonyms_reversible() else ""
+    return render(
+        request, template,
+        {"experiment": experiment, "exports": selectors.exports_for(experiment), "formats": formats, "pseudonym_warning": pseudonym_warning},
+    )
 
 
 @login_required

@@ -22,7 +22,7 @@ from tests.research.study import build_study, read_export_zip
 pytestmark = pytest.mark.django_db
 
 TABLE_NAMES = {
-    "questions", "arms", "groups", "participants", "opinions", "candidates", "predicted_agreement", "presentations",
+    "experiment", "questions", "arms", "groups", "participants", "opinions", "candidates", "predicted_agreement", "presentations",
     "agreement_ratings", "quality_ratings", "opinion_ratings", "rankings", "pairwise_preferences", "attention_checks", "timings",
 }
 

@@ -9,7 +9,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from deliberation.models import Experiment
 from research import services
-from research.exports import run_export
+from research.exports import PSEUDONYM_KEY_WARNING, pseudonyms_reversible, run_export
 from research.models import DatasetExport
 
 
@@ -30,6 +30,8 @@ class Command(BaseCommand):
         target = Experiment.objects.filter(slug=experiment).first()
         if target is None:
             raise CommandError(f"No experiment with the slug {experiment!r}.")
+        if pseudonyms_reversible():
+            self.stderr.write(self.style.WARNING("Warning: " + PSEUDONYM_KEY_WARNING))
         try:
             export = services.dataset_export_request(
                 experiment=target, requested_by=None, via="command", format=format,
