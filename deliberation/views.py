@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpResponse, HttpResponseBadRequest
 from django.shortcuts import get_object_or_404, redirect, render
-from django.views.decorators.http import require_GET, require_http_methods, require_POST
+from django.views.decorators.http import require_http_methods, require_POST, require_safe
 
 from accounts import permissions
 
@@ -15,7 +19,7 @@ from . import selectors, services
 from .http import HtmxHttpRequest
 from .inputs import clean_text
 from .models import Experiment, Participant, Room
-from .ratelimit import rate_limited
+from . import ratelimit
 
 SESSION_KEY = "concord_participants"
 EXTERNAL_ID_PARAMS = ("PROLIFIC_PID", "participant_label")
@@ -38,6 +42,29 @@ def participant_for_request(request: HtmxHttpRequest, code: str) -> Participant:
     return participant
 
 
+def participant_action(scope: str, *, limit_setting: str) -> Callable[[Callable[..., HttpResponse]], Callable[..., HttpResponse]]:
+    """A participant's POST: the participant resolves first (a code this browser does not hold is a 404
+    that counts nothing), then the request counts against that participant's own limit.
+
+    The key is the participant, reached only through a session that holds their code: a stranger who
+    posts to someone else's URL is refused before any counter moves, so they cannot use up (or lock
+    out) another participant's budget, and made-up codes make no keys in the limiter's cache.
+    """
+
+    def decorator(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+        @require_POST
+        @functools.wraps(view)
+        def wrapped(request: HtmxHttpRequest, code: str, **kwargs: object) -> HttpResponse:
+            participant = participant_for_request(request, code)
+            if not ratelimit.hit(scope=scope, key=f"participant:{participant.code}", limit=getattr(settings, limit_setting)):
+                return ratelimit.too_many_requests()
+            return view(request, participant, **kwargs)
+
+        return wrapped
+
+    return decorator
+
+
 def _external_id(request: HtmxHttpRequest) -> str:
     for name in EXTERNAL_ID_PARAMS:
         value = request.GET.get(name) or request.POST.get(name)
@@ -47,14 +74,14 @@ def _external_id(request: HtmxHttpRequest) -> str:
     return ""
 
 
-@require_GET
+@require_safe
 def home(request: HtmxHttpRequest) -> HttpResponse:
     experiments = Experiment.objects.filter(status=Experiment.Status.ACTIVE).order_by("name")
     return render(request, "home.html", {"experiments": experiments})
 
 
-@require_http_methods(["GET", "POST"])
-@rate_limited("join", limit_setting="RATE_LIMIT_JOIN_PER_IP")
+@require_http_methods(["GET", "HEAD", "POST"])
+@ratelimit.rate_limited_by_address("join", limit_setting="RATE_LIMIT_JOIN_PER_IP")
 def join(request: HtmxHttpRequest, slug: str, room_code: str | None = None) -> HttpResponse:
     experiment = get_object_or_404(Experiment, slug=slug)
     room = get_object_or_404(Room, code=room_code, experiment=experiment) if room_code else None
@@ -71,6 +98,9 @@ def join(request: HtmxHttpRequest, slug: str, room_code: str | None = None) -> H
         except services.JoinRefused as refusal:
             context["error"] = str(refusal)
             return render(request, "deliberation/join_refused.html", context, status=403)
+        # A new session key on joining (as Django's login does): a key planted in this browser before
+        # it joined (session fixation) is not the one that now proves the seat. The data moves with it.
+        request.session.cycle_key()
         _remember(request, participant)
         return redirect("participant", code=participant.code)
     return render(request, "deliberation/consent.html", context)
@@ -79,21 +109,20 @@ def join(request: HtmxHttpRequest, slug: str, room_code: str | None = None) -> H
 def _room_response(request: HtmxHttpRequest, participant: Participant, *, error: str = "", status: int = 200) -> HttpResponse:
     state = selectors.room_state_for(participant)
     # Page timings: which screen the participant was shown, and when (repeats are not recorded twice).
-    services.page_view_record(participant_id=participant.pk, view=state.view, round_id=state.round.pk, phase=state.round.phase)
+    if request.method != "HEAD":  # a HEAD shows nobody anything
+        services.page_view_record(participant_id=participant.pk, view=state.view, round_id=state.round.pk, phase=state.round.phase)
     template = "deliberation/partials/main.html" if request.htmx else "deliberation/room.html"
     return render(request, template, {"state": state, "error": error}, status=status)
 
 
-@require_GET
+@require_safe
 def participant_page(request: HtmxHttpRequest, code: str) -> HttpResponse:
     participant = participant_for_request(request, code)
     return _room_response(request, participant)
 
 
-@require_POST
-@rate_limited("submit", limit_setting="RATE_LIMIT_SUBMIT_PER_PARTICIPANT", by="participant")
-def opinion_submit(request: HtmxHttpRequest, code: str) -> HttpResponse:
-    participant = participant_for_request(request, code)
+@participant_action("submit", limit_setting="RATE_LIMIT_SUBMIT_PER_PARTICIPANT")
+def opinion_submit(request: HtmxHttpRequest, participant: Participant) -> HttpResponse:
     try:
         services.opinion_submit(participant=participant, text=request.POST.get("text", ""))
     except services.ServiceError as error:
@@ -103,18 +132,14 @@ def opinion_submit(request: HtmxHttpRequest, code: str) -> HttpResponse:
     return _after_action(request, participant)
 
 
-@require_POST
-@rate_limited("draft", limit_setting="RATE_LIMIT_DRAFT_PER_PARTICIPANT", by="participant")
-def opinion_draft(request: HtmxHttpRequest, code: str) -> HttpResponse:
-    participant = participant_for_request(request, code)
+@participant_action("draft", limit_setting="RATE_LIMIT_DRAFT_PER_PARTICIPANT")
+def opinion_draft(request: HtmxHttpRequest, participant: Participant) -> HttpResponse:
     services.opinion_save_draft(participant=participant, text=request.POST.get("text", ""))
     return HttpResponse(status=204)
 
 
-@require_POST
-@rate_limited("submit", limit_setting="RATE_LIMIT_SUBMIT_PER_PARTICIPANT", by="participant")
-def rating_submit(request: HtmxHttpRequest, code: str, candidate_id: int) -> HttpResponse:
-    participant = participant_for_request(request, code)
+@participant_action("submit", limit_setting="RATE_LIMIT_SUBMIT_PER_PARTICIPANT")
+def rating_submit(request: HtmxHttpRequest, participant: Participant, candidate_id: int) -> HttpResponse:
     try:
         services.rating_submit(
             participant=participant,
@@ -127,10 +152,8 @@ def rating_submit(request: HtmxHttpRequest, code: str, candidate_id: int) -> Htt
     return _after_action(request, participant)
 
 
-@require_POST
-@rate_limited("submit", limit_setting="RATE_LIMIT_SUBMIT_PER_PARTICIPANT", by="participant")
-def ranking_submit(request: HtmxHttpRequest, code: str) -> HttpResponse:
-    participant = participant_for_request(request, code)
+@participant_action("submit", limit_setting="RATE_LIMIT_SUBMIT_PER_PARTICIPANT")
+def ranking_submit(request: HtmxHttpRequest, participant: Participant) -> HttpResponse:
     positions: dict[int, object] = {}
     for key, value in request.POST.items():
         if key.startswith("rank_"):
@@ -145,10 +168,8 @@ def ranking_submit(request: HtmxHttpRequest, code: str) -> HttpResponse:
     return _after_action(request, participant)
 
 
-@require_POST
-@rate_limited("submit", limit_setting="RATE_LIMIT_SUBMIT_PER_PARTICIPANT", by="participant")
-def preference_submit(request: HtmxHttpRequest, code: str) -> HttpResponse:
-    participant = participant_for_request(request, code)
+@participant_action("submit", limit_setting="RATE_LIMIT_SUBMIT_PER_PARTICIPANT")
+def preference_submit(request: HtmxHttpRequest, participant: Participant) -> HttpResponse:
     try:
         first, second = int(request.POST.get("candidate_a", "")), int(request.POST.get("candidate_b", ""))
     except ValueError:
@@ -162,10 +183,8 @@ def preference_submit(request: HtmxHttpRequest, code: str) -> HttpResponse:
     return _after_action(request, participant)
 
 
-@require_POST
-@rate_limited("submit", limit_setting="RATE_LIMIT_SUBMIT_PER_PARTICIPANT", by="participant")
-def opinion_rating_submit(request: HtmxHttpRequest, code: str, opinion_id: int) -> HttpResponse:
-    participant = participant_for_request(request, code)
+@participant_action("submit", limit_setting="RATE_LIMIT_SUBMIT_PER_PARTICIPANT")
+def opinion_rating_submit(request: HtmxHttpRequest, participant: Participant, opinion_id: int) -> HttpResponse:
     try:
         services.opinion_rating_submit(participant=participant, opinion_id=opinion_id, agreement=request.POST.get("agreement"))
     except services.ServiceError as error:
@@ -173,10 +192,8 @@ def opinion_rating_submit(request: HtmxHttpRequest, code: str, opinion_id: int) 
     return _after_action(request, participant)
 
 
-@require_POST
-@rate_limited("submit", limit_setting="RATE_LIMIT_SUBMIT_PER_PARTICIPANT", by="participant")
-def attention_submit(request: HtmxHttpRequest, code: str) -> HttpResponse:
-    participant = participant_for_request(request, code)
+@participant_action("submit", limit_setting="RATE_LIMIT_SUBMIT_PER_PARTICIPANT")
+def attention_submit(request: HtmxHttpRequest, participant: Participant) -> HttpResponse:
     try:
         services.attention_check_submit(participant=participant, answer=request.POST.get("answer"))
     except services.ServiceError as error:
@@ -204,7 +221,7 @@ def _monitored_room(request: HtmxHttpRequest, room_id: int, *, change: bool = Fa
 
 
 @login_required
-@require_GET
+@require_safe
 def room_monitor(request: HtmxHttpRequest, room_id: int) -> HttpResponse:
     room = _monitored_room(request, room_id)
     return render(request, "deliberation/monitor.html", {"monitor": selectors.monitor_state(room)})
