@@ -15,11 +15,10 @@ from django.views.decorators.http import require_http_methods, require_POST, req
 
 from accounts import permissions
 
-from . import selectors, services
+from . import ratelimit, selectors, services
 from .http import HtmxHttpRequest
 from .inputs import clean_text
 from .models import Experiment, Participant, Room
-from . import ratelimit
 
 SESSION_KEY = "concord_participants"
 EXTERNAL_ID_PARAMS = ("PROLIFIC_PID", "participant_label")
