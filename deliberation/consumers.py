@@ -32,7 +32,7 @@ from accounts import permissions
 from . import selectors, services
 from .events import PRIVATE_TO_PARTICIPANT, room_group
 from .models import Participant, Room
-from .views import SESSION_KEY
+from .seats import holds_seat
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ class ParticipantConsumer(RoomSocketConsumer):
     async def connect(self) -> None:
         code = self.scope["url_route"]["kwargs"]["code"]
         session = self.scope.get("session")
-        allowed = session is not None and code in await database_sync_to_async(lambda: session.get(SESSION_KEY, []))()
+        allowed = session is not None and await database_sync_to_async(holds_seat)(session, code)
         participant = await database_sync_to_async(selectors.participant_by_code)(code) if allowed else None
         if participant is None:
             await self.close(code=4403)

@@ -11,6 +11,7 @@ from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpResponse, HttpResponseBadRequest
 from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
 from django.views.decorators.http import require_http_methods, require_POST, require_safe
 
 from accounts import permissions
@@ -19,21 +20,22 @@ from . import ratelimit, selectors, services
 from .http import HtmxHttpRequest
 from .inputs import clean_text
 from .models import Experiment, Participant, Room
+from .seats import SESSION_KEY as SESSION_KEY  # re-exported: where tests have always found it
+from .seats import held_codes, holds_seat, remember_seat
 
-SESSION_KEY = "concord_participants"
 EXTERNAL_ID_PARAMS = ("PROLIFIC_PID", "participant_label")
 
 
-def _remember(request: HtmxHttpRequest, participant: Participant) -> None:
-    codes = list(request.session.get(SESSION_KEY, []))
-    if participant.code not in codes:
-        codes.append(participant.code)
-    request.session[SESSION_KEY] = codes[-50:]
+def _take_seat(request: HtmxHttpRequest, participant: Participant) -> None:
+    # A new session key on taking a seat (as Django's login does): a key planted in this browser before
+    # (session fixation) is not the one that now proves the seat. The session's data moves with it.
+    request.session.cycle_key()
+    remember_seat(request.session, participant)
 
 
 def participant_for_request(request: HtmxHttpRequest, code: str) -> Participant:
-    """The participant behind this URL, if this browser session joined as them; else 404."""
-    if code not in request.session.get(SESSION_KEY, []):
+    """The participant behind this URL, if this browser holds their seat (deliberation.seats); else 404."""
+    if not holds_seat(request.session, code):
         raise Http404("No such participant in this browser session.")
     participant = selectors.participant_by_code(code)
     if participant is None:
@@ -92,17 +94,29 @@ def join(request: HtmxHttpRequest, slug: str, room_code: str | None = None) -> H
             return render(request, "deliberation/consent.html", context, status=400)
         try:
             participant = services.participant_join(
-                experiment=experiment, external_id=external_id, room=room, browser_codes=request.session.get(SESSION_KEY, [])
+                experiment=experiment, external_id=external_id, room=room, browser_codes=held_codes(request.session)
             )
         except services.JoinRefused as refusal:
             context["error"] = str(refusal)
             return render(request, "deliberation/join_refused.html", context, status=403)
-        # A new session key on joining (as Django's login does): a key planted in this browser before
-        # it joined (session fixation) is not the one that now proves the seat. The data moves with it.
-        request.session.cycle_key()
-        _remember(request, participant)
+        _take_seat(request, participant)
         return redirect("participant", code=participant.code)
     return render(request, "deliberation/consent.html", context)
+
+
+@require_http_methods(["GET", "HEAD", "POST"])
+@ratelimit.rate_limited_by_address("join", limit_setting="RATE_LIMIT_JOIN_PER_IP")
+def seat_resume(request: HtmxHttpRequest, token: str) -> HttpResponse:
+    """A researcher's one-time link that moves a seat to this browser. GET only asks (link previews in mail
+    and chat apps fetch pages, and must not use the link up); the button's POST redeems it."""
+    if request.method != "POST":
+        return render(request, "deliberation/seat_resume.html", {"token": token})
+    try:
+        participant = services.seat_transfer_redeem(token=token)
+    except services.JoinRefused as refusal:
+        return render(request, "deliberation/seat_resume.html", {"token": token, "error": str(refusal)}, status=410)
+    _take_seat(request, participant)
+    return redirect("participant", code=participant.code)
 
 
 def _room_response(request: HtmxHttpRequest, participant: Participant, *, error: str = "", status: int = 200) -> HttpResponse:
@@ -224,6 +238,18 @@ def _monitored_room(request: HtmxHttpRequest, room_id: int, *, change: bool = Fa
 def room_monitor(request: HtmxHttpRequest, room_id: int) -> HttpResponse:
     room = _monitored_room(request, room_id)
     return render(request, "deliberation/monitor.html", {"monitor": selectors.monitor_state(room)})
+
+
+@login_required
+@require_POST
+def seat_transfer_issue(request: HtmxHttpRequest, participant_id: int) -> HttpResponse:
+    """A researcher moves a participant's seat to a new browser: a one-time link, shown once, for the
+    researcher to send them. Redeeming it ends the seat in every other browser. Needs change rights."""
+    participant = get_object_or_404(Participant.objects.select_related("room__experiment"), pk=participant_id)
+    room = _monitored_room(request, participant.room_id, change=True)
+    token = services.seat_transfer_issue(participant=participant, issued_by=request.user)
+    link = request.build_absolute_uri(reverse("seat_resume", kwargs={"token": token}))
+    return render(request, "deliberation/seat_transfer_link.html", {"room": room, "participant": participant, "link": link})
 
 
 @login_required

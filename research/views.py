@@ -16,6 +16,7 @@ from django.urls import reverse
 from django.views.decorators.http import require_http_methods, require_POST, require_safe
 
 from accounts import permissions
+from deliberation import ratelimit
 from deliberation.http import HtmxHttpRequest
 from deliberation.models import Experiment
 
@@ -129,4 +130,6 @@ def export_download(request: HtmxHttpRequest, export_id: int) -> FileResponse:
     path = export_for(export)
     if path is None:
         raise Http404("This export has no file (yet, or any more).")
+    if request.method == "GET":  # a HEAD hands over no file
+        services.dataset_export_download_record(export=export, downloaded_by=request.user, client_address=ratelimit.client_ip_address(request))
     return FileResponse(path.open("rb"), as_attachment=True, filename=path.name, content_type="application/zip")
