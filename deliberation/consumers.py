@@ -30,7 +30,7 @@ from django.template.loader import render_to_string
 from accounts import permissions
 
 from . import selectors, services
-from .events import PRIVATE_TO_PARTICIPANT, room_group
+from .events import PRIVATE_TO_PARTICIPANT, SeatMoved, room_group
 from .models import Participant, Room
 from .seats import holds_seat
 
@@ -246,6 +246,12 @@ class ParticipantConsumer(RoomSocketConsumer):
             await self.close(code=RENDER_FAILED_CLOSE_CODE)
 
     async def room_event(self, event: dict[str, Any]) -> None:
+        if event.get("event") == SeatMoved.type_name:
+            # The seat may have moved away from this browser: a socket that no longer holds it closes
+            # (4403: concord.js does not reconnect), so the old browser stops seeing the room at once.
+            if event.get("participant_id") == self.participant.pk and not await database_sync_to_async(holds_seat)(self.scope["session"], self.participant.code):
+                await self.close(code=4403)
+            return
         if event.get("event") in PRIVATE_TO_PARTICIPANT:
             # Another member's rating changes nothing on this screen, and one's own rating came from a
             # request whose response swapped in the new form: rendering it again would double the cost

@@ -33,7 +33,6 @@ from .phases import (
     round_finish,
     round_start,
 )
-from .seats import seat_transfer_issue, seat_transfer_redeem
 from .rating import (
     attention_check_submit,
     opinion_rating_submit,
@@ -41,6 +40,7 @@ from .rating import (
     ranking_submit,
     rating_submit,
 )
+from .seats import seat_transfer_issue, seat_transfer_redeem
 
 __all__ = [
     "ArmDraw",

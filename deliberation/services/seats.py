@@ -10,6 +10,7 @@ from typing import Any
 from django.db import transaction
 from django.utils import timezone
 
+from .. import events
 from ..models import Participant, SeatTransfer
 from .errors import JoinRefused
 
@@ -47,4 +48,5 @@ def seat_transfer_redeem(*, token: str) -> Participant:
             raise JoinRefused("This link has been used already or has expired. Please ask the researchers for a new one.")
         transfer.used_at = now
         transfer.save(update_fields=["used_at"])
+        events.send_on_commit(events.SeatMoved(room_id=transfer.participant.room_id, participant_id=transfer.participant_id))
     return transfer.participant
