@@ -39,7 +39,22 @@ def test_only_the_owner_or_an_editor_makes_a_seat_link(participant, researcher, 
     staff.force_login(researcher)
     assert "Make a link for" in staff.get(reverse("room_monitor", args=[seat.room_id])).content.decode()
     _link_for(researcher, seat)
-    assert SeatTransfer.objects.get().issued_by == researcher
+    transfer = SeatTransfer.objects.get()
+    assert transfer.issued_by == researcher
+    # The admin's log of seat moves: the owner's own only, read-only, no token hash shown.
+    from django.contrib.auth.models import Permission
+
+    for user in (researcher, outsider_researcher):
+        user.is_staff = True
+        user.save()
+        user.user_permissions.add(*Permission.objects.filter(codename__in=["view_seattransfer", "change_seattransfer"]))
+    owner_admin, outsider_admin = Client(), Client()
+    owner_admin.force_login(researcher)
+    outsider_admin.force_login(outsider_researcher)
+    assert [t.pk for t in owner_admin.get("/admin/deliberation/seattransfer/").context["cl"].result_list] == [transfer.pk]
+    assert not list(outsider_admin.get("/admin/deliberation/seattransfer/").context["cl"].result_list)
+    detail = owner_admin.get(f"/admin/deliberation/seattransfer/{transfer.pk}/change/")
+    assert detail.status_code == 200 and transfer.token_sha256 not in detail.content.decode()
 
 
 def test_a_seat_link_moves_the_seat_once_and_the_old_browser_loses_it(participant, researcher) -> None:
