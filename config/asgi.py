@@ -18,7 +18,7 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
-from config.asgi_guards import RequestBodyLimit, SameOriginWebsocket  # noqa: E402
+from config.asgi_guards import RequestBodyLimit, SameOriginWebsocket, install_daphne_body_limit  # noqa: E402
 from deliberation.dispatch import remember_server_loop  # noqa: E402
 from deliberation.recovery import start_on_loop  # noqa: E402
 from deliberation.routing import websocket_urlpatterns  # noqa: E402
@@ -40,6 +40,9 @@ class RememberServerLoop:
             start_on_loop(loop)  # once per process; a no-op when the sweep is off
         await self.app(scope, receive, send)
 
+
+# daphne itself refuses oversized bodies while they arrive (it would otherwise take them whole first).
+install_daphne_body_limit()
 
 http_app: Any = ASGIStaticFilesHandler(django_http) if settings.SERVE_STATIC else django_http
 

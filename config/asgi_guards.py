@@ -6,6 +6,11 @@
   join page once peaked a daphne process at 1.4 GB before the 403. A declared Content-Length over
   the limit is refused without reading a byte; a chunked body (no length) is counted as it streams
   in, and refused as soon as it passes the limit.
+  Under daphne that is not early enough on its own: Twisted receives the whole body (into a temporary
+  file) before daphne calls the application, and daphne then queues all of it at once. So
+  `install_daphne_body_limit` also makes daphne's request refuse a body past the limit as it arrives
+  (by the declared length as soon as the headers are in, before an `Expect: 100-continue` client sends
+  anything; by counting otherwise), answer 413 and drop the connection.
 - `SameOriginWebsocket`: a websocket's Origin must be the site it connects to, port included
   (Django's CSRF rule): `scheme://host[:port]` whose `host[:port]` is the request's Host header, with
   that host in ALLOWED_HOSTS, or one of CSRF_TRUSTED_ORIGINS. channels' AllowedHostsOriginValidator
@@ -141,3 +146,62 @@ class SameOriginWebsocket:
             await self.app(scope, receive, send)
             return
         await WebsocketDenier()(scope, receive, send)
+
+
+def _too_large_response() -> bytes:
+    return (
+        b"HTTP/1.1 413 Request Entity Too Large\r\ncontent-type: text/plain; charset=utf-8\r\n"
+        + f"content-length: {len(TOO_LARGE_BODY)}\r\n".encode()
+        + b"connection: close\r\n\r\n"
+        + TOO_LARGE_BODY
+    )
+
+
+def install_daphne_body_limit() -> bool:
+    """Make daphne refuse bodies over REQUEST_BODY_MAX_BYTES while they arrive (see the module's docstring).
+
+    daphne builds each connection's requests from `daphne.http_protocol.WebRequest` (looked up when a
+    connection is made), and offers no setting for this, so the class is replaced by a subclass that
+    checks the length. Returns False where daphne is not installed (another ASGI server: rely on its own
+    limit, e.g. uvicorn behind nginx's client_max_body_size, and on RequestBodyLimit).
+    """
+    try:
+        from daphne import http_protocol
+    except ImportError:  # pragma: no cover - daphne is a dependency
+        return False
+    if getattr(http_protocol.WebRequest, "concord_body_limit", False):
+        return True
+    base: Any = http_protocol.WebRequest
+
+    class BodyLimitedWebRequest(base):
+        concord_body_limit = True
+        _body_received = 0
+        _body_refused = False
+
+        def _refuse_body(self, described: str) -> None:
+            self._body_refused = True
+            logger.warning("Refused a %s body to %s (limit %d) before reading it", described, self.uri.decode("latin1", "replace"), settings.REQUEST_BODY_MAX_BYTES)
+            self.channel.transport.write(_too_large_response())
+            self.channel.loseConnection()  # stops reading; what the client still sends is dropped
+
+        def gotLength(self, length: int | None) -> None:
+            super().gotLength(length)
+            if length is not None and length > settings.REQUEST_BODY_MAX_BYTES:
+                self._refuse_body(f"{length}-byte")
+
+        def handleContentChunk(self, data: bytes) -> None:
+            if self._body_refused:
+                return
+            self._body_received += len(data)
+            if self._body_received > settings.REQUEST_BODY_MAX_BYTES:
+                self._refuse_body("streamed")
+                return
+            super().handleContentChunk(data)
+
+        def process(self) -> Any:
+            if self._body_refused:
+                return None
+            return super().process()
+
+    http_protocol.WebRequest = BodyLimitedWebRequest
+    return True
