@@ -29,4 +29,4 @@ RUN SECRET_KEY=collectstatic-only python manage.py collectstatic --noinput \
 USER concord
 
 EXPOSE 8000
-CMD ["daphne", "-b", "0.0.0.0", "-p", "8000", "--proxy-headers", "config.asgi:application"]
+CMD ["daphne", "-b", "0.0.0.0", "-p", "8000", "config.asgi:application"]

@@ -13,9 +13,10 @@ from django.core.exceptions import PermissionDenied
 from django.http import FileResponse, Http404, HttpResponse, HttpResponseBadRequest
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
-from django.views.decorators.http import require_GET, require_http_methods, require_POST
+from django.views.decorators.http import require_http_methods, require_POST, require_safe
 
 from accounts import permissions
+from deliberation import ratelimit
 from deliberation.http import HtmxHttpRequest
 from deliberation.models import Experiment
 
@@ -25,14 +26,14 @@ from .models import DatasetExport
 
 
 @login_required
-@require_GET
+@require_safe
 def researcher_home(request: HtmxHttpRequest) -> HttpResponse:
     experiments = selectors.experiments_for(request.user)
     return render(request, "research/researcher_home.html", {"experiments": experiments})
 
 
 @login_required
-@require_GET
+@require_safe
 def experiment_detail(request: HtmxHttpRequest, slug: str) -> HttpResponse:
     experiment = get_object_or_404(selectors.experiments_for(request.user), slug=slug)
     join_url = request.build_absolute_uri(reverse("join", kwargs={"slug": experiment.slug}))
@@ -52,7 +53,7 @@ def _own_experiment(request: HtmxHttpRequest, slug: str, *, change: bool = False
 
 
 @login_required
-@require_GET
+@require_safe
 def cohort_monitor(request: HtmxHttpRequest, slug: str) -> HttpResponse:
     experiment = _own_experiment(request, slug)
     template = "research/partials/cohort_body.html" if request.htmx else "research/cohort.html"
@@ -78,7 +79,7 @@ def experiment_pause(request: HtmxHttpRequest, slug: str) -> HttpResponse:
 
 
 @login_required
-@require_GET
+@require_safe
 def analytics_page(request: HtmxHttpRequest, slug: str) -> HttpResponse:
     experiment = _own_experiment(request, slug)
     report = analytics.experiment_report(experiment)
@@ -90,7 +91,7 @@ def analytics_page(request: HtmxHttpRequest, slug: str) -> HttpResponse:
 
 
 @login_required
-@require_GET
+@require_safe
 def analytics_csv(request: HtmxHttpRequest, slug: str) -> HttpResponse:
     experiment = _own_experiment(request, slug)
     response = HttpResponse(analytics.report_csv(analytics.experiment_report(experiment)), content_type="text/csv; charset=utf-8")
@@ -99,7 +100,7 @@ def analytics_csv(request: HtmxHttpRequest, slug: str) -> HttpResponse:
 
 
 @login_required
-@require_http_methods(["GET", "POST"])
+@require_http_methods(["GET", "HEAD", "POST"])
 def exports_page(request: HtmxHttpRequest, slug: str) -> HttpResponse:
     experiment = _own_experiment(request, slug, change=request.method == "POST")
     if request.method == "POST":
@@ -124,7 +125,7 @@ def exports_page(request: HtmxHttpRequest, slug: str) -> HttpResponse:
 
 
 @login_required
-@require_GET
+@require_safe
 def export_download(request: HtmxHttpRequest, export_id: int) -> FileResponse:
     export = selectors.export_visible_to(request.user, export_id)
     if export is None:
@@ -134,4 +135,6 @@ def export_download(request: HtmxHttpRequest, export_id: int) -> FileResponse:
     path = export_for(export)
     if path is None:
         raise Http404("This export has no file (yet, or any more).")
+    if request.method == "GET":  # a HEAD hands over no file
+        services.dataset_export_download_record(export=export, downloaded_by=request.user, client_address=ratelimit.client_ip_address(request))
     return FileResponse(path.open("rb"), as_attachment=True, filename=path.name, content_type="application/zip")

@@ -18,6 +18,7 @@ from statistics import mean
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db.models import Q
 
+from accounts.commands import add_as_user_argument, experiment_for_command
 from deliberation import services
 from deliberation.models import (
     Candidate,
@@ -45,12 +46,11 @@ class Command(BaseCommand):
         parser.add_argument("--seed", type=int, default=0)
         parser.add_argument("--url", default="", help="A running site to use; by default one is started locally.")
         parser.add_argument("--timeout", type=float, default=900, help="Seconds a bot waits for any one phase.")
+        add_as_user_argument(parser)  # bots fill rooms of the experiment: the same rule as the researcher pages
 
-    def handle(self, *args: object, experiment: str, groups: int, group_size: int | None, seed: int, url: str, timeout: float, **options: object) -> None:
+    def handle(self, *args: object, experiment: str, groups: int, group_size: int | None, seed: int, url: str, timeout: float, as_user: str, **options: object) -> None:
         lookup = Q(slug=experiment) | Q(pk=int(experiment)) if experiment.isdigit() else Q(slug=experiment)
-        found = Experiment.objects.filter(lookup).first()
-        if found is None:
-            raise CommandError(f"No experiment with id or slug {experiment!r}.")
+        found, _ = experiment_for_command(Experiment.objects.all(), lookup=lookup, described=f"with id or slug {experiment!r}", username=as_user)
         size = group_size or found.group_size
         if groups < 1 or not 2 <= size <= 8:
             raise CommandError("--groups must be at least 1 and --group-size between 2 and 8.")
