@@ -162,7 +162,7 @@ def test_an_export_keyed_with_the_public_fallback_key_warns_in_the_readme_page_a
     assert 'id="pseudonym-warning"' in page and "map each pseudonym back" in page
     # And the command says it.
     stderr = StringIO()
-    call_command("export_dataset", "--experiment", study.experiment.slug, "--format", "csv", "--out", str(tmp_path / "cmd"), stderr=stderr, stdout=StringIO())
+    call_command("export_dataset", "--experiment", study.experiment.slug, "--format", "csv", "--out", str(tmp_path / "cmd"), "--as-user", researcher.username, stderr=stderr, stdout=StringIO())
     assert "fallback key" in stderr.getvalue()
 
 

@@ -19,13 +19,13 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "examples" / "experimen
 
 def _apply(path: Path, user) -> str:
     out = StringIO()
-    call_command("experiment_apply", str(path), "--user", user.username, stdout=out)
+    call_command("experiment_apply", str(path), "--as-user", user.username, stdout=out)
     return out.getvalue()
 
 
-def _dump(slug: str) -> str:
+def _dump(slug: str, user) -> str:
     out = StringIO()
-    call_command("experiment_dump", slug, stdout=out)
+    call_command("experiment_dump", slug, "--as-user", user.username, stdout=out)
     return out.getvalue()
 
 
@@ -43,18 +43,18 @@ def test_the_documented_example_applies_and_is_a_fixed_point(researcher, tmp_pat
     assert "unchanged" in _apply(EXAMPLE, researcher)
     assert Arm.objects.filter(experiment=experiment).count() == 2
     # dump -> apply -> dump is a fixed point.
-    first = _dump("ranked-vs-mean")
+    first = _dump("ranked-vs-mean", researcher)
     dumped = tmp_path / "dumped.toml"
     dumped.write_text(first)
     assert "unchanged" in _apply(dumped, researcher)
-    assert _dump("ranked-vs-mean") == first
+    assert _dump("ranked-vs-mean", researcher) == first
 
 
 def test_a_file_updates_settings_arms_opponents_and_questions(researcher, tmp_path: Path) -> None:
     QuestionFactory(external_id="Q-1")
     QuestionFactory(external_id="Q-2")
     _apply(EXAMPLE, researcher)
-    text = _dump("ranked-vs-mean")
+    text = _dump("ranked-vs-mean", researcher)
     text = text.replace("opinion_seconds = 300", "opinion_seconds = 240").replace("questions = []", 'questions = ["Q-2", "Q-1"]')
     text = text.replace('compare_with = ""\n', 'compare_with = "mean"\n', 1)
     text += '\n[[arms]]\nname = "rawlsian"\nwelfare_method = "rawlsian"\n'
@@ -67,7 +67,7 @@ def test_a_file_updates_settings_arms_opponents_and_questions(researcher, tmp_pa
     arms = {arm.name: arm for arm in experiment.arms.all()}
     assert arms["schulze"].compare_with == arms["mean"] and arms["rawlsian"].welfare_method == "rawlsian"
     # An arm left out of the file (with no groups) is removed.
-    changed.write_text(_dump("ranked-vs-mean").split("[[arms]]")[0] + "[[arms]]" + _dump("ranked-vs-mean").split("[[arms]]")[3])
+    changed.write_text(_dump("ranked-vs-mean", researcher).split("[[arms]]")[0] + "[[arms]]" + _dump("ranked-vs-mean", researcher).split("[[arms]]")[3])
     _apply(changed, researcher)
     assert list(experiment.arms.values_list("name", flat=True)) == ["rawlsian"]
 
@@ -106,3 +106,12 @@ def test_only_the_owner_or_an_editor_may_change_an_experiment(researcher, outsid
     Collaboration.objects.filter(experiment=experiment).update(role=Collaboration.Role.EDITOR)
     assert "unchanged" in _apply(EXAMPLE, outsider_researcher)
     assert Experiment.objects.get(slug="ranked-vs-mean").owner == researcher
+
+
+def test_dump_shows_only_experiments_the_user_may_see(researcher, outsider_researcher) -> None:
+    _apply(EXAMPLE, researcher)
+    with pytest.raises(CommandError, match="that .* may see"):
+        _dump("ranked-vs-mean", outsider_researcher)
+    experiment = Experiment.objects.get(slug="ranked-vs-mean")
+    Collaboration.objects.create(experiment=experiment, user=outsider_researcher, role=Collaboration.Role.VIEWER)
+    assert 'slug = "ranked-vs-mean"' in _dump("ranked-vs-mean", outsider_researcher)

@@ -1,12 +1,12 @@
-"""python manage.py experiment_apply FILE.toml --user USERNAME: create or update an experiment from a file."""
+"""python manage.py experiment_apply FILE.toml --as-user USERNAME: create or update an experiment from a file."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
+from accounts.commands import acting_user, add_as_user_argument
 from research.experiment_files import ExperimentFileError, experiment_apply
 
 
@@ -15,15 +15,12 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser) -> None:
         parser.add_argument("file", type=Path, metavar="FILE.toml")
-        parser.add_argument(
-            "--user", required=True, metavar="USERNAME",
-            help="The researcher applying it: owner of a new experiment; an existing one needs its owner or an editor.",
-        )
+        # The researcher applying it owns a new experiment; an existing one needs its owner, an editor or a
+        # superuser (checked by research.experiment_files.experiment_apply).
+        add_as_user_argument(parser)
 
-    def handle(self, *args, file: Path, user: str, **options) -> None:
-        account = get_user_model().objects.filter(username=user).first()
-        if account is None:
-            raise CommandError(f"No user named {user!r}.")
+    def handle(self, *args, file: Path, as_user: str, **options) -> None:
+        account = acting_user(as_user)
         try:
             text = file.read_text(encoding="utf-8")
         except OSError as error:
