@@ -290,7 +290,7 @@ def test_a_cohort_from_start_to_finish(tmp_path: Path, researcher, client) -> No
     export = DatasetExport.objects.get(experiment=experiment)
     tables, package, readme = read_export_zip(Path(export.path), "csv")
     assert {r["name"] for r in package["resources"]} == {
-        "questions", "arms", "groups", "participants", "opinions", "candidates", "predicted_agreement", "presentations",
+        "experiment", "questions", "arms", "groups", "participants", "opinions", "candidates", "predicted_agreement", "presentations",
         "agreement_ratings", "quality_ratings", "opinion_ratings", "rankings", "pairwise_preferences", "attention_checks", "timings",
     }
     for resource in package["resources"]:
