@@ -29,6 +29,7 @@ from datetime import datetime, timedelta
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import close_old_connections, connection, transaction
+from django.db.models import Q
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -79,7 +80,8 @@ def rounds_recover(*, stalled_after: timedelta, now: datetime | None = None) -> 
     report = RecoveryReport()
     cutoff = now - stalled_after
     stalled = (
-        Round.objects.filter(phase=Round.Phase.MEDIATING, candidates__isnull=True)
+        # A human mediator's round has no task to lose: its writing timer is an ordinary deadline (below).
+        Round.objects.filter(phase=Round.Phase.MEDIATING, candidates__isnull=True, mediator__isnull=True)
         .annotate(last_sign=Coalesce("progress_at", "mediation_started_at"))
         .filter(last_sign__lt=cutoff)
         .values_list("pk", flat=True)
@@ -92,7 +94,8 @@ def rounds_recover(*, stalled_after: timedelta, now: datetime | None = None) -> 
         elif outcome == "failed":
             report.failed.append(round_id)
     overdue = Round.objects.filter(
-        phase__in=[Round.Phase.OPINIONS, Round.Phase.RATING], phase_deadline__lt=now - DEADLINE_GRACE
+        Q(phase__in=[Round.Phase.OPINIONS, Round.Phase.RATING]) | Q(phase=Round.Phase.MEDIATING, mediator__isnull=False),
+        phase_deadline__lt=now - DEADLINE_GRACE,
     ).values_list("pk", "phase")
     for round_id, phase in list(overdue):
         report.deadlines[round_id] = services.round_deadline_fire(round_id=round_id, phase=phase)

@@ -13,10 +13,11 @@ from django.db import transaction
 from django.utils import timezone
 
 from .. import events
-from ..models import Arm, Candidate, Participant, PredictedAgreement, Presentation, Round
+from ..models import Arm, Candidate, Opinion, Participant, PredictedAgreement, Presentation, Round
 from .phases import round_finish, round_phase_set
 
 if TYPE_CHECKING:
+    from modeling.generation.prompts import RevisionContext
     from modeling.pipeline import MediationResult
 
 
@@ -34,6 +35,17 @@ class MediationInput:
     # Arm ids whose configurations generate: the room's arm first, then a head-to-head opponent.
     source_arm_ids: list[int] = field(default_factory=list)
     excluded_participant_id: int | None = None
+    # A critique round: the statement critiqued and each included member's critique (aligned with opinions).
+    previous_statement: str = ""
+    critiques: list[str] = field(default_factory=list)
+
+    def revision(self) -> RevisionContext | None:
+        """What the pipeline revises from, in a critique round (None in a first round)."""
+        from modeling.generation.prompts import RevisionContext
+
+        if not self.critiques:
+            return None
+        return RevisionContext(previous_statement=self.previous_statement, critiques=list(self.critiques))
 
     def seed_for(self, source_arm_id: int) -> int:
         """The room's arm keeps the round's seed; an opponent gets its own, so the two never write the same text."""
@@ -49,9 +61,9 @@ def mediation_claim(*, round_id: int) -> MediationInput | None:
     is silently left out of generation and ranking, but still rates the statements.
     """
     with transaction.atomic():
-        round_ = Round.objects.select_for_update().select_related("room__question", "room__arm").get(pk=round_id)
-        if round_.phase != Round.Phase.MEDIATING or round_.candidates.exists():
-            return None
+        round_ = Round.objects.select_for_update().select_related("room__question", "room__arm", "previous_winner").get(pk=round_id)
+        if round_.phase != Round.Phase.MEDIATING or round_.candidates.exists() or round_.mediator_id is not None:
+            return None  # nothing to do, already done, or a human mediator writes this round's statement
         round_.mediation_attempts += 1
         # Loading the models can take a while on a fresh worker: say the mediator has started.
         round_.progress_stage = Round.Stage.STARTING
@@ -70,16 +82,30 @@ def mediation_claim(*, round_id: int) -> MediationInput | None:
             round_.excluded_participant_id = random.Random(f"{round_.seed}:exclude").choice(writer_ids)
         round_.save(update_fields=["mediation_attempts", "progress_stage", "progress_at", "excluded_participant"])
         included = [o for o in opinions if o.participant_id != round_.excluded_participant_id]
+        critiques: list[str] = []
+        previous_statement = ""
+        if round_.is_critique():
+            # This round's "opinions" are the critiques; the opinions are the same members' first-round ones.
+            critiques = [o.text for o in included]
+            first = dict(
+                Opinion.objects.filter(round__room_id=round_.room_id, round__index=0).values_list("participant_id", "text")
+            )
+            included_texts = [first.get(o.participant_id, "") for o in included]
+            previous_statement = round_.previous_winner.text if round_.previous_winner else ""
+        else:
+            included_texts = [o.text for o in included]
         return MediationInput(
             round_id=round_.pk,
             question=round_.room.question.text,
             participant_ids=[o.participant_id for o in included],
-            opinions=[o.text for o in included],
+            opinions=included_texts,
             seed=round_.seed,
             arm_id=arm.pk,
             rater_ids=writer_ids,
             source_arm_ids=[a.pk for a in arm.mediation_arms()],
             excluded_participant_id=round_.excluded_participant_id,
+            previous_statement=previous_statement,
+            critiques=critiques,
         )
 
 

@@ -1,0 +1,54 @@
+"""HTTP views of the Habermas Machine protocol's steps (docs/habermas-protocol.md): parse, authorise, call one
+service, render. Kept apart from views.py; they share its participant check and responses."""
+
+from __future__ import annotations
+
+from django.http import HttpResponse
+from django.views.decorators.http import require_POST
+
+from . import services
+from .http import HtmxHttpRequest
+from .ratelimit import rate_limited
+from .views import _after_action, _room_response, participant_for_request
+
+
+@require_POST
+@rate_limited("submit", limit_setting="RATE_LIMIT_SUBMIT_PER_PARTICIPANT", by="participant")
+def position_submit(request: HtmxHttpRequest, code: str) -> HttpResponse:
+    participant = participant_for_request(request, code)
+    try:
+        services.position_before_submit(
+            participant=participant, position=request.POST.get("position"), strength=request.POST.get("strength")
+        )
+    except services.ServiceError as error:
+        return _room_response(request, participant, error=str(error), status=422 if not request.htmx else 200)
+    return _after_action(request, participant)
+
+
+@require_POST
+@rate_limited("submit", limit_setting="RATE_LIMIT_SUBMIT_PER_PARTICIPANT", by="participant")
+def closing_submit(request: HtmxHttpRequest, code: str) -> HttpResponse:
+    participant = participant_for_request(request, code)
+    try:
+        services.closing_submit(
+            participant=participant,
+            preferred=request.POST.get("preferred"),
+            position=request.POST.get("position"),
+            strength=request.POST.get("strength"),
+        )
+    except services.ServiceError as error:
+        return _room_response(request, participant, error=str(error), status=422 if not request.htmx else 200)
+    return _after_action(request, participant)
+
+
+@require_POST
+@rate_limited("submit", limit_setting="RATE_LIMIT_SUBMIT_PER_PARTICIPANT", by="participant")
+def mediator_statement_submit(request: HtmxHttpRequest, code: str) -> HttpResponse:
+    participant = participant_for_request(request, code)
+    try:
+        services.mediator_statement_submit(participant=participant, text=request.POST.get("text", ""))
+    except services.ServiceError as error:
+        # Keep what they wrote, as a refused opinion is kept.
+        services.opinion_save_draft(participant=participant, text=request.POST.get("text", ""))
+        return _room_response(request, participant, error=str(error), status=422 if not request.htmx else 200)
+    return _after_action(request, participant)
