@@ -252,9 +252,6 @@ class Arm(models.Model):
     def __str__(self) -> str:
         return f"{self.experiment.slug}/{self.name}"
 
-    def is_human_mediated(self) -> bool:
-        return self.human_mediator
-
     def mediation_arms(self) -> list[Arm]:
         """The configurations a round of this arm runs: its own, then (head-to-head) the compared arm's."""
         return [self, self.compare_with] if self.compare_with_id and self.compare_with else [self]

@@ -131,8 +131,10 @@ class ParticipantState:
         rated = ",".join(f"{s.candidate_id}:{s.agreement}:{s.quality}" for s in self.statements)
         preferred = ",".join(str(p.preferred_id) for p in self.preferences)
         opinions = ",".join(str(o.agreement) for o in self.opinions_to_rate)
+        # The human mediator's one screen shows different things by phase (waiting, writing, rated).
+        phase = f":{self.round.phase}" if self.view == Screen.MEDIATOR else ""
         return (
-            f"{self.round.pk}:{self.view}:{rated}:{preferred}:{opinions}:{self.attention_answered}:"
+            f"{self.round.pk}:{self.view}{phase}:{rated}:{preferred}:{opinions}:{self.attention_answered}:"
             f"{self.ranking.pk if self.ranking else ''}"
         )
 

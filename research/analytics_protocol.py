@@ -127,13 +127,6 @@ class ProtocolData:
 # --- Figures -------------------------------------------------------------------------------------
 
 
-def _by_group(rows: Sequence[object], value: str) -> dict[int, list[float]]:
-    groups: dict[int, list[float]] = defaultdict(list)
-    for row in rows:
-        groups[row.group_id].append(getattr(row, value))  # type: ignore[attr-defined]
-    return groups
-
-
 def revision_agreement_difference(pairs: Sequence[RevisionPair]) -> Interval:
     """Mean (revised − first) agreement, averaged within groups, t interval over groups (paired)."""
     per_group: dict[int, list[int]] = defaultdict(list)

@@ -257,3 +257,18 @@ def test_the_position_is_asked_only_when_the_study_asks_for_it(participant) -> N
     member = services.participant_join(experiment=bad)
     with pytest.raises(services.InvalidInput):
         services.position_before_submit(participant=member, position="9", strength="3")
+
+
+def test_the_mediators_screen_is_pushed_again_when_the_phase_changes() -> None:
+    """The mediator's one screen (waiting, writing, rated) must re-render over the socket at each phase."""
+    from deliberation import selectors
+
+    experiment = _human_arm_experiment("human-push")
+    members = _join(experiment, 3)
+    round_ = Round.objects.current(room_id=members[0][0].room_id)
+    mediator = Participant.objects.get(pk=round_.mediator_id)
+    waiting = selectors.room_state_for(mediator)
+    for i, member in enumerate(m for m, _ in members if m.pk != mediator.pk):
+        services.opinion_submit(participant=member, text=OPINIONS[i])
+    writing = selectors.room_state_for(mediator)
+    assert waiting.view == writing.view == "mediator" and waiting.main_key() != writing.main_key()

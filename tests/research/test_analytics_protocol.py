@@ -6,11 +6,9 @@ import math
 
 import pytest
 
-from deliberation.models import Candidate, FinalPreference, Position, Ranking, Rating, Round
 from research.analytics_protocol import (
     GroupOutcome,
     MemberPositions,
-    ProtocolData,
     RevisionPair,
     ai_vs_human_agreement,
     load_protocol,
@@ -20,7 +18,7 @@ from research.analytics_protocol import (
     revision_preference_share,
     statement_position,
 )
-from tests.factories import ExperimentFactory, ParticipantFactory, RoomFactory
+from tests.research.protocol_study import build_protocol_study
 
 # Student t quantiles t(0.975, df) from printed tables; z(0.975).
 T_975_DF1 = 12.706204736
@@ -93,29 +91,9 @@ def test_ai_vs_human_is_a_welch_difference_of_group_means() -> None:
 
 @pytest.mark.django_db
 def test_the_figures_are_read_from_a_played_protocol() -> None:
-    experiment = ExperimentFactory(slug="analytics-protocol", critique_rounds=1, ask_positions=True)
-    room = RoomFactory(experiment=experiment)
-    first = room.rounds.get(index=0)
-    members = [ParticipantFactory(room=room, label=f"Participant {x}") for x in "AB"]
-    first_statements = [Candidate.objects.create(round=first, index=i, text=f"first {i}", backend="t", model_id="m", seed=1, prompt="", shown=True, rank=i + 1) for i in range(2)]
-    for member in members:
-        Ranking.objects.create(participant=member, round=first, order=[first_statements[1].pk, first_statements[0].pk])
-    Round.objects.filter(pk=first.pk).update(outcome=Round.Outcome.COMPLETED, phase=Round.Phase.DONE)
-    second = Round.objects.create(room=room, index=1, kind=Round.Kind.CRITIQUE, previous_winner=first_statements[1], outcome=Round.Outcome.COMPLETED, phase=Round.Phase.DONE)
-    revised = [Candidate.objects.create(round=second, index=i, text=f"revised {i}", backend="t", model_id="m", seed=1, prompt="", shown=True, rank=i + 1) for i in range(2)]
-    for member in members:
-        Ranking.objects.create(participant=member, round=second, order=[revised[0].pk, revised[1].pk])
-    # Agreement with the first winner (first 1) and the revised winner (revised 0).
-    for member, (old, new) in zip(members, [(3, 6), (5, 5)]):
-        Rating.objects.create(participant=member, candidate=first_statements[1], agreement=old, quality=4)
-        Rating.objects.create(participant=member, candidate=revised[0], agreement=new, quality=4)
-    for member, (before, after) in zip(members, [(2, 3), (6, 6)]):
-        Position.objects.create(participant=member, round=first, stage="before", position=before, strength=4)
-        Position.objects.create(participant=member, round=second, stage="after", position=after, strength=4)
-    FinalPreference.objects.create(participant=members[0], first_candidate=first_statements[1], revised_candidate=revised[0], preferred=revised[0], revised_shown_first=True)
-    FinalPreference.objects.create(participant=members[1], first_candidate=first_statements[1], revised_candidate=revised[0], preferred=first_statements[1], revised_shown_first=False)
-
-    data = load_protocol(experiment)
+    study = build_protocol_study()
+    room, members = study.room, study.members
+    data = load_protocol(study.experiment)
     assert data.revision_pairs == [RevisionPair(room.pk, members[0].pk, 3, 6), RevisionPair(room.pk, members[1].pk, 5, 5)]
     assert data.prefers_revision == [True, False]
     assert data.positions == [MemberPositions(room.pk, members[0].pk, 2, 3, 6), MemberPositions(room.pk, members[1].pk, 6, 6, 5)]
@@ -124,4 +102,3 @@ def test_the_figures_are_read_from_a_played_protocol() -> None:
     assert report.revised_minus_first_agreement.estimate == pytest.approx(1.5)  # (3 + 0) / 2, one group
     assert report.share_preferring_revision.estimate == pytest.approx(0.5)
     assert report.ai_minus_human_agreement.estimate is None  # no human-mediated group
-    assert isinstance(ProtocolData(), ProtocolData)
