@@ -67,6 +67,7 @@ class ProtocolBot(bots.Bot):
         self.negating = negating
         self.critiques_sent = 0
         self.statements_written = 0
+        self.ranked: set[int] = set()  # candidate ids this bot has ranked, in any round
 
     def _main(self, body: str) -> None:
         start = body.find('<section id="main"')
@@ -79,7 +80,7 @@ class ProtocolBot(bots.Bot):
         deadline = time.monotonic() + self.timeout
         while True:
             view = self.view()
-            if self.main_html != previous and (view in _ACTIONS or 'id="mediator-form"' in self.main_html):
+            if self.main_html != previous and (view in _ACTIONS or 'id="mediator-form"' in self.main_html) and not self._stale():
                 return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -88,6 +89,14 @@ class ProtocolBot(bots.Bot):
             if message.type != aiohttp.WSMsgType.TEXT:
                 raise bots.BotError(f"{self.label}: socket closed ({message.type.name}) at {view}")
             self._main(message.data)
+
+    def _stale(self) -> bool:
+        """A push rendered before the bot's last answer (the socket delivers in order, but the answer's own response
+        came first): a rating page of statements it has already ranked."""
+        if self.view() != "rating":
+            return False
+        shown = {int(m.group("id")) for m in bots._STATEMENT_RE.finditer(self.main_html)}
+        return bool(shown) and shown <= self.ranked
 
     def _agreement(self, text: str) -> int:
         return bots.simulated_agreement(
@@ -101,11 +110,14 @@ class ProtocolBot(bots.Bot):
         ratings: dict[int, tuple[int, int]] = {}
         for candidate_id, text in statements:
             ratings[candidate_id] = (self._agreement(text), bots.simulated_quality(statement=text, rng=self.rng))
-            await self._post(
+            body = await self._post(
                 f"p/{self.result.participant_code}/rate/{candidate_id}/",
                 {"agreement": str(ratings[candidate_id][0]), "quality": str(ratings[candidate_id][1])},
             )
+            if 'class="error"' in body:
+                raise bots.BotError(f"{self.label}: rating refused: {body[:300]}")
         self.result.ratings.update(ratings)
+        self.ranked |= set(ratings)
         order = sorted(ratings, key=lambda cid: (-ratings[cid][0], -ratings[cid][1], cid))
         return await self._post(f"p/{self.result.participant_code}/rank/", {f"rank_{cid}": str(i + 1) for i, cid in enumerate(order)})
 

@@ -69,10 +69,11 @@ def test_a_pilot_cohort_runs_through_the_real_site() -> None:
     assert summary["seconds_per_round"] > 0
 
 
+@pytest.mark.real_model  # the bots' opinions are written by the real generator, in this process
 @pytest.mark.django_db(transaction=True)
 def test_a_pilot_cohort_plays_the_two_round_protocol_with_positions_and_a_human_mediator_arm() -> None:
-    """simulate_cohort through the real site: a model arm (the stand-in generator, so the server needs no weights)
-    and a human mediator arm, each group playing an opinion round and a critique round, with positions."""
+    """simulate_cohort through the real site: a model arm (the stand-in generator mediates, so the server loads no
+    generator) and a human mediator arm, each group playing an opinion round and a critique round, with positions."""
     from deliberation.models import Candidate, FinalPreference, Position
     from tests.factories import ArmFactory
 
