@@ -105,12 +105,12 @@ def group_from_mapping(raw: Any, where: str) -> ConsensusGroup:
     if revision is not None:
         if not isinstance(revision, Mapping):
             raise SFTDataError(f"{where}: 'revision' must be an object with critiques and revised_statement")
-        listed, revised = revision.get("critiques"), revision.get("revised_statement")
+        listed, rewritten = revision.get("critiques"), revision.get("revised_statement")
         if not isinstance(listed, list) or len(listed) != len(opinions) or not all(isinstance(c, str) and c.strip() for c in listed):
             raise SFTDataError(f"{where}: 'revision.critiques' must hold one non-empty critique per opinion")
-        if not isinstance(revised, str) or not revised.strip():
+        if not isinstance(rewritten, str) or not rewritten.strip():
             raise SFTDataError(f"{where}: 'revision.revised_statement' must be a non-empty string")
-        critiques, revised = tuple(listed), revised.strip()
+        critiques, revised = tuple(listed), rewritten.strip()
     return ConsensusGroup(group_id, question, tuple(opinions), statement.strip(), critiques, revised)
 
 
