@@ -193,7 +193,10 @@ def room_state_for(participant: Participant) -> ParticipantState:
         round=round_,
         experiment=room.experiment,
         question_text=room.question.text,
-        presence=_presence(members, writers, participant),
+        # A human mediator is not listed to the members, so they rate the statement without knowing who wrote it.
+        presence=_presence(
+            [m for m in members if m.pk != round_.mediator_id or m.pk == participant.pk], writers, participant
+        ),
         my_opinion=next((opinion for opinion in opinions if opinion.participant_id == participant.pk), None),
         opinions_in=len(writers),
         opinions_expected=sum(1 for member in members if member.dropped_out_at is None and member.pk != round_.mediator_id),
