@@ -102,3 +102,21 @@ def test_the_figures_are_read_from_a_played_protocol() -> None:
     assert report.revised_minus_first_agreement.estimate == pytest.approx(1.5)  # (3 + 0) / 2, one group
     assert report.share_preferring_revision.estimate == pytest.approx(0.5)
     assert report.ai_minus_human_agreement.estimate is None  # no human-mediated group
+
+
+@pytest.mark.django_db
+def test_protocol_report_prints_the_figures() -> None:
+    import json
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    build_protocol_study("report-protocol")
+    out = StringIO()
+    call_command("protocol_report", "--experiment", "report-protocol", stdout=out)
+    report = json.loads(out.getvalue())
+    assert report["revised_minus_first_agreement"]["estimate"] == pytest.approx(1.5)
+    assert report["share_preferring_revision"] == {**report["share_preferring_revision"], "estimate": 0.5, "n": 2}
+    # Positions: the statement sits at 2·5/(5+4) + 6·4/(5+4) = 34/9; A moves 2 -> 3 toward it, B stays at 6.
+    movement = (abs(2 - 34 / 9) - abs(3 - 34 / 9) + 0) / 2
+    assert report["positions"]["movement_toward_statement"]["estimate"] == pytest.approx(movement)
