@@ -80,8 +80,10 @@ def rounds_recover(*, stalled_after: timedelta, now: datetime | None = None) -> 
     report = RecoveryReport()
     cutoff = now - stalled_after
     stalled = (
-        # A human mediator's round has no task to lose: its writing timer is an ordinary deadline (below).
-        Round.objects.filter(phase=Round.Phase.MEDIATING, candidates__isnull=True, mediator__isnull=True)
+        # A human mediator's round has no task to lose (its writing timer is an ordinary deadline, below), unless a
+        # model writes beside the mediator (head-to-head).
+        Round.objects.filter(phase=Round.Phase.MEDIATING, candidates__isnull=True)
+        .filter(Q(mediator__isnull=True) | Q(room__arm__compare_with__isnull=False))
         .annotate(last_sign=Coalesce("progress_at", "mediation_started_at"))
         .filter(last_sign__lt=cutoff)
         .values_list("pk", flat=True)

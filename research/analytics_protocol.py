@@ -15,8 +15,8 @@ On plain rows, so each figure can be checked against a hand computation (tests/r
   Spread is the mean absolute deviation of a group's positions from the group's mean. Both per group, then a
   t interval over groups.
 - AI vs human mediator: agreement with the final statement of a model-mediated group minus that of a
-  human-mediated group (group means; Welch t interval), and the share of members preferring the model's
-  statement where a member rated both in one round (head-to-head; none in this version, see the doc).
+  human-mediated group (group means; Welch t interval); and, where a human-mediator arm is compared with a model
+  arm in the same round (head-to-head), the share of pairwise choices won by the model's statement (Wilson).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from scipy import stats
 
-from deliberation.models import Experiment, FinalPreference, Position, Rating, Round
+from deliberation.models import Candidate, Experiment, FinalPreference, PairwisePreference, Position, Rating, Round
 
 CONFIDENCE = 0.95
 
@@ -122,6 +122,8 @@ class ProtocolData:
     prefers_revision: list[bool] = field(default_factory=list)
     positions: list[MemberPositions] = field(default_factory=list)
     outcomes: list[GroupOutcome] = field(default_factory=list)
+    # Head-to-head (a human-mediator arm compared with a model arm): per pairwise choice, was the model's preferred?
+    ai_over_human: list[bool] = field(default_factory=list)
 
 
 # --- Figures -------------------------------------------------------------------------------------
@@ -185,12 +187,18 @@ def ai_vs_human_agreement(outcomes: Sequence[GroupOutcome]) -> Interval:
     return welch_interval(model, human)
 
 
+def ai_preference_share(ai_over_human: Sequence[bool]) -> Interval:
+    """Share of head-to-head choices between a model and a human mediator's statement won by the model (Wilson)."""
+    return wilson_interval(sum(ai_over_human), len(ai_over_human))
+
+
 @dataclass(frozen=True)
 class ProtocolReport:
     revised_minus_first_agreement: Interval
     share_preferring_revision: Interval
     positions: PositionFigures
     ai_minus_human_agreement: Interval
+    share_preferring_ai: Interval
 
 
 def protocol_report(data: ProtocolData) -> ProtocolReport:
@@ -199,6 +207,7 @@ def protocol_report(data: ProtocolData) -> ProtocolReport:
         share_preferring_revision=revision_preference_share(data.prefers_revision),
         positions=position_figures(data.positions),
         ai_minus_human_agreement=ai_vs_human_agreement(data.outcomes),
+        share_preferring_ai=ai_preference_share(data.ai_over_human),
     )
 
 
@@ -245,6 +254,12 @@ def load_protocol(experiment: Experiment) -> ProtocolData:
                 )
         final = tuple(agreement[(p, last_winner.pk)] for p in raters if (p, last_winner.pk) in agreement)
         data.outcomes.append(GroupOutcome(room_id, last.mediator_id is not None, final))
+    human_written = set(Candidate.objects.filter(round__room__experiment=experiment, author__isnull=False).values_list("pk", flat=True))
+    for a_id, b_id, preferred in PairwisePreference.objects.filter(round__room__experiment=experiment).values_list(
+        "candidate_a_id", "candidate_b_id", "preferred_id"
+    ):
+        if (a_id in human_written) != (b_id in human_written):  # a human statement against a model's
+            data.ai_over_human.append(preferred not in human_written)
     data.prefers_revision = [
         preference.prefers_revision for preference in FinalPreference.objects.filter(participant__room__experiment=experiment).order_by("id")
     ]

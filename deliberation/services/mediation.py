@@ -62,8 +62,11 @@ def mediation_claim(*, round_id: int) -> MediationInput | None:
     """
     with transaction.atomic():
         round_ = Round.objects.select_for_update().select_related("room__question", "room__arm", "previous_winner").get(pk=round_id)
-        if round_.phase != Round.Phase.MEDIATING or round_.candidates.exists() or round_.mediator_id is not None:
-            return None  # nothing to do, already done, or a human mediator writes this round's statement
+        human_versus_model = round_.mediator_id is not None and round_.room.arm.compare_with_id is not None
+        if round_.phase != Round.Phase.MEDIATING or round_.candidates.filter(author__isnull=True).exists():
+            return None  # nothing to do, or already done
+        if round_.mediator_id is not None and not human_versus_model:
+            return None  # a human mediator writes this round's statement, and no model writes beside them
         round_.mediation_attempts += 1
         # Loading the models can take a while on a fresh worker: say the mediator has started.
         round_.progress_stage = Round.Stage.STARTING
@@ -102,7 +105,8 @@ def mediation_claim(*, round_id: int) -> MediationInput | None:
             seed=round_.seed,
             arm_id=arm.pk,
             rater_ids=writer_ids,
-            source_arm_ids=[a.pk for a in arm.mediation_arms()],
+            # Human vs model head-to-head: the model writes only with the compared arm's configuration.
+            source_arm_ids=[arm.compare_with_id] if human_versus_model and arm.compare_with_id else [a.pk for a in arm.mediation_arms()],
             excluded_participant_id=round_.excluded_participant_id,
             previous_statement=previous_statement,
             critiques=critiques,
@@ -160,13 +164,17 @@ def candidates_store(*, mediation: MediationInput, results: Sequence[SourcedResu
     """
     with transaction.atomic():
         round_ = Round.objects.select_for_update().select_related("room__arm", "room__experiment").get(pk=mediation.round_id)
-        if round_.phase != Round.Phase.MEDIATING or round_.candidates.exists():
+        if round_.phase != Round.Phase.MEDIATING or round_.candidates.filter(author__isnull=True).exists():
             return False
         if [r.arm_id for r in results] != (mediation.source_arm_ids or [mediation.arm_id]):
             raise ValueError("mediation results do not match the round's configurations")
         arms = {arm.pk: arm for arm in Arm.objects.filter(pk__in=[r.arm_id for r in results])}
-        quotas = _shown_per_source(k_shown=round_.room.arm.k_shown, sources=len(results))
-        stored: list[Candidate] = []
+        human = round_.candidates.filter(author__isnull=False).first()
+        # Human vs model head-to-head: the human statement takes one of the K places, the model the rest.
+        quotas = [max(1, round_.room.arm.k_shown - 1)] if round_.mediator_id is not None else _shown_per_source(
+            k_shown=round_.room.arm.k_shown, sources=len(results)
+        )
+        stored: list[Candidate] = [human] if human is not None else []
         shown_ids: list[int] = []
         for sourced, quota in zip(results, quotas, strict=True):
             result, arm = sourced.result, arms[sourced.arm_id]
@@ -209,23 +217,31 @@ def candidates_store(*, mediation: MediationInput, results: Sequence[SourcedResu
             )
             shown_ids += [candidate.pk for candidate in sorted(these, key=lambda c: c.rank or 0) if candidate.shown]
             stored += these
-        raters = Participant.objects.filter(
-            pk__in=mediation.rater_ids or mediation.participant_ids, dropped_out_at__isnull=True
+        if round_.mediator_id is not None and human is None:
+            # Head-to-head with a human mediator who is still writing: rating opens with their statement.
+            round_.progress_stage = Round.Stage.READY
+            round_.save(update_fields=["progress_stage"])
+            return True
+        rating_open(
+            round_=round_, rater_ids=mediation.rater_ids or mediation.participant_ids, shown_ids=([human.pk] if human else []) + shown_ids
         )
-        Presentation.objects.bulk_create(
-            Presentation(participant=participant, candidate_id=candidate_id, position=position)
-            for participant in raters
-            for position, candidate_id in enumerate(
-                _presentation_order(round_=round_, participant=participant, candidate_ids=shown_ids)
-            )
-        )
-        round_.progress_stage = Round.Stage.READY
-        round_.progress_done = round_.progress_total = len(stored)
-        round_.rating_started_at = timezone.now()
-        round_.mediation_error = ""
-        events.send_on_commit(events.CandidatesReady(room_id=round_.room_id, round_id=round_.pk))
-        round_phase_set(round_=round_, phase=Round.Phase.RATING, deadline_seconds=round_.room.experiment.rating_seconds)
     return True
+
+
+def rating_open(*, round_: Round, rater_ids: Sequence[int], shown_ids: Sequence[int]) -> None:
+    """Present the shown statements to each rater in an order of their own (seeded), and open rating."""
+    raters = Participant.objects.filter(pk__in=rater_ids, dropped_out_at__isnull=True)
+    Presentation.objects.bulk_create(
+        Presentation(participant=participant, candidate_id=candidate_id, position=position)
+        for participant in raters
+        for position, candidate_id in enumerate(_presentation_order(round_=round_, participant=participant, candidate_ids=list(shown_ids)))
+    )
+    round_.progress_stage = Round.Stage.READY
+    round_.progress_done = round_.progress_total = round_.candidates.count()
+    round_.rating_started_at = timezone.now()
+    round_.mediation_error = ""
+    events.send_on_commit(events.CandidatesReady(room_id=round_.room_id, round_id=round_.pk))
+    round_phase_set(round_=round_, phase=Round.Phase.RATING, deadline_seconds=round_.room.experiment.rating_seconds)
 
 
 def mediation_fail(*, round_id: int, error: str, final: bool) -> None:

@@ -94,9 +94,16 @@ def round_start(*, room: Room) -> Round:
 
 def _begin_mediation(*, round_: Round) -> None:
     if round_.mediator_id is not None:
-        # Human mediator arm: no model task; the mediator writes, with the opinion phase's time as a timer.
+        # Human mediator arm: the mediator writes, with the opinion phase's time as a timer; a model writes beside
+        # them only in a head-to-head arm (compare_with).
         round_.mediation_started_at = timezone.now()
         round_phase_set(round_=round_, phase=Round.Phase.MEDIATING, deadline_seconds=round_.room.experiment.opinion_seconds)
+        if round_.room.arm.compare_with_id is not None:
+            round_.progress_at = round_.mediation_started_at
+            round_.progress_total = sum(arm.n_candidates for arm in round_.room.arm.mediation_arms()[1:])
+            round_.save(update_fields=["progress_at", "progress_total"])
+            round_id = round_.pk
+            transaction.on_commit(lambda: dispatch.enqueue(TaskName.MEDIATE_ROUND, args=[round_id]))
         return
     round_.mediation_started_at = round_.progress_at = timezone.now()
     round_.progress_stage = Round.Stage.QUEUED
@@ -178,7 +185,7 @@ def round_deadline_fire(*, round_id: int, phase: str) -> str:
             return "abandoned"
         if phase == Round.Phase.MEDIATING and round_.mediator_id is not None:
             # The human mediator wrote no statement in time: the round fails, as a model that keeps failing does.
-            if round_.candidates.exists():
+            if round_.candidates.filter(author__isnull=False).exists():
                 return "stale"
             round_.mediation_error = "the human mediator wrote no statement before the deadline"
             round_.save(update_fields=["mediation_error"])

@@ -15,6 +15,7 @@ from .. import events, selectors
 from ..inputs import clean_text, visible_length
 from ..models import Candidate, FinalPreference, Participant, Position, Presentation, Round
 from .errors import InvalidInput, WrongPhase
+from .mediation import rating_open
 from .phases import round_phase_set
 from .rating import _parse_likert
 
@@ -107,7 +108,7 @@ def mediator_statement_submit(*, participant: Participant, text: str) -> Candida
         round_ = Round.objects.select_for_update().select_related("room__arm").current(room_id=participant.room_id)
         if round_.mediator_id != participant.pk:
             raise WrongPhase("Only this round's mediator writes its statement.")
-        existing = round_.candidates.first()
+        existing = round_.candidates.filter(author__isnull=False).first()
         if existing is not None:
             return existing  # a double submit
         if round_.phase != Round.Phase.MEDIATING:
@@ -117,7 +118,7 @@ def mediator_statement_submit(*, participant: Participant, text: str) -> Candida
         )
         candidate = Candidate.objects.create(
             round=round_,
-            index=0,
+            index=round_.candidates.count(),  # after the model's, in a head-to-head round where they came first
             text=text,
             backend=HUMAN_BACKEND,
             model_id=HUMAN_BACKEND,
@@ -131,8 +132,14 @@ def mediator_statement_submit(*, participant: Participant, text: str) -> Candida
             source_arm=round_.room.arm,
             author=participant,
         )
-        Presentation.objects.bulk_create(Presentation(participant_id=writer, candidate=candidate, position=0) for writer in writers)
         Participant.objects.filter(pk=participant.pk).update(opinion_draft="")
+        if round_.room.arm.compare_with_id is not None:
+            # Human vs model side by side: rating opens once the model's statements are in too.
+            model_shown = list(round_.candidates.filter(author__isnull=True, shown=True).order_by("rank").values_list("pk", flat=True))
+            if model_shown:
+                rating_open(round_=round_, rater_ids=writers, shown_ids=[candidate.pk, *model_shown])
+            return candidate
+        Presentation.objects.bulk_create(Presentation(participant_id=writer, candidate=candidate, position=0) for writer in writers)
         round_.progress_stage = Round.Stage.READY
         round_.progress_done = round_.progress_total = 1
         round_.rating_started_at = timezone.now()

@@ -11,7 +11,7 @@ from django.test import Client
 from django.urls import reverse
 from django.utils import timezone
 
-from deliberation import services
+from deliberation import selectors, services
 from deliberation.models import (
     Candidate,
     Experiment,
@@ -272,3 +272,51 @@ def test_the_mediators_screen_is_pushed_again_when_the_phase_changes() -> None:
         services.opinion_submit(participant=member, text=OPINIONS[i])
     writing = selectors.room_state_for(mediator)
     assert waiting.view == writing.view == "mediator" and waiting.main_key() != writing.main_key()
+
+
+@pytest.mark.parametrize("human_first", [True, False])
+def test_human_and_model_statements_side_by_side_for_head_to_head_preferences(human_first: bool) -> None:
+    from deliberation.models import PairwisePreference
+
+    experiment = ExperimentFactory(slug=f"human-h2h-{human_first}", group_size=4)
+    experiment.arms.all().delete()
+    model_arm = ArmFactory(experiment=experiment, name="model", weight=0, n_candidates=4, k_shown=2)
+    ArmFactory(experiment=experiment, name="human-vs-model", human_mediator=True, compare_with=model_arm, k_shown=3)
+    members = _join(experiment, 4)
+    round_ = Round.objects.current(room_id=members[0][0].room_id)
+    mediator = Participant.objects.get(pk=round_.mediator_id)
+    writers = [(m, c) for m, c in members if m.pk != mediator.pk]
+    for i, (member, _) in enumerate(writers):
+        services.opinion_submit(participant=member, text=OPINIONS[i])
+    statement = "We agree that public services need money, and we differ on whether the rich should pay more of it."
+    if human_first:
+        services.mediator_statement_submit(participant=mediator, text=statement)
+        assert Round.objects.get(pk=round_.pk).phase == Round.Phase.MEDIATING  # waits for the model
+        assert mediate_round.apply(args=[round_.pk]).get() == "stored"
+    else:
+        assert mediate_round.apply(args=[round_.pk]).get() == "stored"
+        assert Round.objects.get(pk=round_.pk).phase == Round.Phase.MEDIATING  # waits for the mediator
+        services.mediator_statement_submit(participant=mediator, text=statement)
+    round_.refresh_from_db()
+    assert round_.phase == Round.Phase.RATING
+    human = Candidate.objects.get(round=round_, author=mediator)
+    model_shown = list(Candidate.objects.filter(round=round_, author__isnull=True, shown=True))
+    assert len(model_shown) == 2 and all(c.source_arm_id == model_arm.pk for c in model_shown)
+    member, client = writers[0]
+    page = _page(client, member)
+    assert statement in page and all(c.text.split()[0] in page for c in model_shown)
+    # Each model statement is paired with the human one for a preference; rating and ranking as usual.
+    pairs = selectors.preference_pairs(participant=member, round_=round_)
+    assert sorted(tuple(sorted(p)) for p in pairs) == sorted(tuple(sorted((human.pk, c.pk))) for c in model_shown)
+    for member, client in writers:
+        for first, second in selectors.preference_pairs(participant=member, round_=round_):
+            model_one = second if first == human.pk else first
+            client.post(reverse("preference_submit", args=[member.code]), {"candidate_a": first, "candidate_b": second, "preferred": model_one})
+        _rate_and_rank(member, client)
+    round_.refresh_from_db()
+    assert round_.phase == Round.Phase.DONE
+    assert PairwisePreference.objects.filter(round=round_).count() == 3 * 2
+    from research.analytics_protocol import load_protocol
+
+    data = load_protocol(experiment)
+    assert data.ai_over_human == [True] * 6

@@ -10,6 +10,7 @@ from research.analytics_protocol import (
     GroupOutcome,
     MemberPositions,
     RevisionPair,
+    ai_preference_share,
     ai_vs_human_agreement,
     load_protocol,
     position_figures,
@@ -41,6 +42,12 @@ def test_revised_minus_first_agreement_is_paired_within_groups_and_intervalled_o
     assert result.estimate == pytest.approx(0.444444, abs=1e-6)
     assert result.low == pytest.approx(mean - half, abs=1e-6) and result.low == pytest.approx(-2.690485, abs=1e-5)
     assert result.high == pytest.approx(3.579374, abs=1e-5)
+
+
+def test_the_share_preferring_the_ai_mediator_has_a_wilson_interval() -> None:
+    result = ai_preference_share([True] * 7 + [False] * 3)
+    assert (result.estimate, result.n) == (0.7, 10)
+    assert (result.low, result.high) == pytest.approx((0.396774, 0.892210), abs=1e-5)
 
 
 def test_the_share_preferring_the_revision_has_a_wilson_interval() -> None:
