@@ -24,6 +24,8 @@ from modeling.welfare import TIE_BREAK_LABELS, WELFARE_LABELS
 LIKERT = [MinValueValidator(LIKERT_MIN), MaxValueValidator(LIKERT_MAX)]
 # A round can be mediated once this many members have written; fewer end it as abandoned.
 MIN_OPINIONS_FOR_MEDIATION = 2
+# The most critique-and-revision rounds an experiment may ask for.
+MAX_CRITIQUE_ROUNDS = 3
 # Claims of one round's mediation (Celery retries and recoveries together) before it ends as failed.
 MAX_MEDIATION_ATTEMPTS = 3
 
@@ -167,6 +169,17 @@ class Experiment(models.Model):
     rate_opinions = models.BooleanField(
         default=False, help_text="Participants also rate the other members' anonymised opinions (best-human-opinion protocol)."
     )
+    # --- The Habermas Machine protocol (Tessler et al. 2024; docs/habermas-protocol.md) ---
+    critique_rounds = models.PositiveSmallIntegerField(
+        default=0, validators=[MaxValueValidator(MAX_CRITIQUE_ROUNDS)],
+        help_text="Critique-and-revision rounds after the first: members critique the winning statement and the "
+        "mediator revises it. 0: one round, as Bakker et al. (2022).",
+    )
+    ask_positions = models.BooleanField(
+        default=False,
+        help_text="Members rate their position on the question (negating 1 – 7 affirming) and how strongly they hold it, "
+        "before writing an opinion and again at the end.",
+    )
 
     def __str__(self) -> str:
         return self.name
@@ -225,6 +238,13 @@ class Arm(models.Model):
     # Protocol (c), exclusion ablation: one participant's opinion is silently left out of
     # generation and ranking; Round.excluded_participant records whose.
     exclude_one_opinion = models.BooleanField(default=False, help_text="Silently leave one participant's opinion out of generation.")
+    # Human mediator arm: a member drawn when the round opens (Round.mediator) writes the group statement
+    # in the browser instead of the model; the others rate it blind, in the same form as model statements.
+    human_mediator = models.BooleanField(
+        default=False,
+        help_text="A member of the group, drawn at the start, writes the group statement instead of the model "
+        "(size groups one larger: the mediator writes no opinion).",
+    )
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["experiment", "name"], name="arm_unique_name")]
@@ -325,21 +345,44 @@ class Participant(models.Model):
         experiment = self.room.experiment
         return experiment.release_code or self._derived_code("release", "R")
 
-    def screen(self, *, round_: Round, has_opinion: bool, has_statements: bool, released: bool) -> str:
+    def screen(
+        self,
+        *,
+        round_: Round,
+        has_opinion: bool,
+        has_statements: bool,
+        released: bool,
+        has_ranked: bool = False,
+        position_due: bool = False,
+        closing_due: bool = False,
+    ) -> str:
         """Which screen this participant sees: the round's phase, refined by what they have done.
 
         A participant recorded as dropped out sees that, even once the round is done: they get no
-        completion code (only those who finished, or whose round ended without them failing it, do)."""
+        completion code (only those who finished, or whose round ended without them failing it, do).
+        The protocol's steps (docs/habermas-protocol.md) refine it: a position before the first opinion
+        (`position_due`), waiting after ranking while a critique round may follow, the human mediator's
+        own screen, and the closing questions (`closing_due`) after the last round."""
         if released:
             return Screen.RELEASED
         if self.has_left and not self.has_finished:
             return Screen.DROPPED
-        if self.has_finished or round_.phase == Round.Phase.DONE:
+        if self.has_finished:
             return Screen.DONE
+        if closing_due:
+            return Screen.CLOSING
+        if round_.phase == Round.Phase.DONE:
+            return Screen.DONE
+        if round_.mediator_id is not None and round_.mediator_id == self.pk:
+            return Screen.MEDIATOR
+        if round_.phase == Round.Phase.OPINIONS and position_due:
+            return Screen.POSITION_BEFORE
         if round_.phase == Round.Phase.OPINIONS and has_opinion:
             return Screen.OPINION_SENT
         if round_.phase == Round.Phase.RATING and not has_statements:
             return Screen.NOT_RATING  # joined but wrote no opinion in time
+        if round_.phase == Round.Phase.RATING and has_ranked:
+            return Screen.RANKED
         return Screen(round_.phase)
 
 
@@ -405,6 +448,12 @@ class Round(models.Model):
     excluded_participant = models.ForeignKey(
         "Participant", null=True, blank=True, on_delete=models.SET_NULL, related_name="excluded_from_rounds"
     )
+    # Critique rounds: the statement the members critiqued (the previous round's winner).
+    previous_winner = models.ForeignKey(
+        "Candidate", null=True, blank=True, on_delete=models.SET_NULL, related_name="critiqued_in_rounds"
+    )
+    # Human mediator arm: the member who writes this round's statement (writes no opinion, rates nothing).
+    mediator = models.ForeignKey("Participant", null=True, blank=True, on_delete=models.SET_NULL, related_name="mediated_rounds")
 
     class Meta:
         ordering = ["room_id", "index"]
@@ -432,8 +481,32 @@ class Round(models.Model):
         return self.phase_deadline is not None and self.phase_deadline <= now
 
     def active_participants(self) -> list[Participant]:
-        """Members who have not dropped out, in joining order."""
-        return list(self.room.participants.filter(dropped_out_at__isnull=True).order_by("id"))
+        """Members who have not dropped out, in joining order (a human mediator is not among the writers)."""
+        return list(self.room.participants.filter(dropped_out_at__isnull=True).exclude(pk=self.mediator_id or 0).order_by("id"))
+
+    def is_critique(self) -> bool:
+        return self.kind == self.Kind.CRITIQUE
+
+    def is_last(self, *, critique_rounds: int) -> bool:
+        """No critique round follows this one."""
+        return self.index >= critique_rounds
+
+    def ranked_ids(self) -> set[int]:
+        """Members who have given this round's final ranking."""
+        return set(self.rankings.values_list("participant_id", flat=True))
+
+    def winning_candidate(self) -> Candidate | None:
+        """The statement this round chose: the Borda winner of the members' rankings of the shown statements,
+        ties (and a round nobody ranked) broken by the mediator's own order (welfare rank, then index)."""
+        shown = list(self.candidates.filter(shown=True).order_by("rank", "index"))
+        if not shown:
+            return None
+        points = {candidate.pk: 0 for candidate in shown}
+        for order in self.rankings.values_list("order", flat=True):
+            for place, candidate_id in enumerate(order):
+                if candidate_id in points:
+                    points[candidate_id] += len(order) - place
+        return max(shown, key=lambda candidate: points[candidate.pk])  # max keeps the first of equals
 
     def rater_ids(self) -> set[int]:
         """Members who were shown statements to rate (writers of an opinion when mediation began)."""
@@ -468,6 +541,10 @@ class Screen(models.TextChoices):
     MEDIATING = "mediating", "Waiting for statements"
     RATING = "rating", "Rating statements"
     NOT_RATING = "not_rating", "Not rating (no opinion in time)"
+    POSITION_BEFORE = "position_before", "Giving a position before the opinion"
+    RANKED = "ranked", "Ranked; waiting for the others"
+    MEDIATOR = "mediator", "Human mediator (writing or waiting)"
+    CLOSING = "closing", "Final preference and position"
     DROPPED = "dropped", "Dropped out"
     RELEASED = "released", "Released without a group"
     DONE = "done", "Done"
@@ -522,6 +599,8 @@ class Candidate(models.Model):
     generator_version = models.ForeignKey(
         GeneratorVersion, null=True, blank=True, on_delete=models.PROTECT, related_name="candidates"
     )
+    # Human mediator arm: the member who wrote it (null: a model wrote it).
+    author = models.ForeignKey("Participant", null=True, blank=True, on_delete=models.SET_NULL, related_name="authored_candidates")
 
     class Meta:
         ordering = ["round_id", "index"]
@@ -713,3 +792,53 @@ class SeatTransfer(models.Model):
 
     def is_redeemable(self, now: datetime) -> bool:
         return self.used_at is None and now < self.expires_at
+# --- The Habermas Machine protocol: positions and the final preference --------------------------
+
+
+class Position(models.Model):
+    """A member's position on the room's question, 1 (the negating statement) to 7 (the affirming one), and
+    how strongly they hold it (1–7): once before their first opinion and once at the end."""
+
+    class Stage(models.TextChoices):
+        BEFORE = "before", "Before the first opinion"
+        AFTER = "after", "After the last round"
+
+    participant = models.ForeignKey(Participant, on_delete=models.CASCADE, related_name="positions")
+    # The round it was given in: the first round (before) or the last round played (after).
+    round = models.ForeignKey(Round, on_delete=models.CASCADE, related_name="positions")
+    stage = models.CharField(max_length=8, choices=Stage.choices)
+    position = models.PositiveSmallIntegerField(validators=LIKERT)
+    strength = models.PositiveSmallIntegerField(validators=LIKERT)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["id"]
+        constraints = [
+            models.UniqueConstraint(fields=["participant", "stage"], name="position_one_per_stage"),
+            models.CheckConstraint(condition=Q(position__gte=1, position__lte=7), name="position_likert"),
+            models.CheckConstraint(condition=Q(strength__gte=1, strength__lte=7), name="position_strength_likert"),
+        ]
+
+
+class FinalPreference(models.Model):
+    """After the last critique round: does the member prefer the first round's statement or the revised one?"""
+
+    participant = models.OneToOneField(Participant, on_delete=models.CASCADE, related_name="final_preference")
+    first_candidate = models.ForeignKey(Candidate, on_delete=models.CASCADE, related_name="+")
+    revised_candidate = models.ForeignKey(Candidate, on_delete=models.CASCADE, related_name="+")
+    preferred = models.ForeignKey(Candidate, on_delete=models.CASCADE, related_name="+")
+    # Which of the two was shown first (seeded per participant, so position bias can be checked).
+    revised_shown_first = models.BooleanField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["id"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(preferred=F("first_candidate")) | Q(preferred=F("revised_candidate")), name="final_preference_is_one_of_two"
+            ),
+        ]
+
+    @property
+    def prefers_revision(self) -> bool:
+        return self.preferred_id == self.revised_candidate_id

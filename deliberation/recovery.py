@@ -29,6 +29,7 @@ from datetime import datetime, timedelta
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import close_old_connections, connection, transaction
+from django.db.models import Q
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -79,7 +80,10 @@ def rounds_recover(*, stalled_after: timedelta, now: datetime | None = None) -> 
     report = RecoveryReport()
     cutoff = now - stalled_after
     stalled = (
+        # A human mediator's round has no task to lose (its writing timer is an ordinary deadline, below), unless a
+        # model writes beside the mediator (head-to-head).
         Round.objects.filter(phase=Round.Phase.MEDIATING, candidates__isnull=True)
+        .filter(Q(mediator__isnull=True) | Q(room__arm__compare_with__isnull=False))
         .annotate(last_sign=Coalesce("progress_at", "mediation_started_at"))
         .filter(last_sign__lt=cutoff)
         .values_list("pk", flat=True)
@@ -92,7 +96,8 @@ def rounds_recover(*, stalled_after: timedelta, now: datetime | None = None) -> 
         elif outcome == "failed":
             report.failed.append(round_id)
     overdue = Round.objects.filter(
-        phase__in=[Round.Phase.OPINIONS, Round.Phase.RATING], phase_deadline__lt=now - DEADLINE_GRACE
+        Q(phase__in=[Round.Phase.OPINIONS, Round.Phase.RATING]) | Q(phase=Round.Phase.MEDIATING, mediator__isnull=False),
+        phase_deadline__lt=now - DEADLINE_GRACE,
     ).values_list("pk", "phase")
     for round_id, phase in list(overdue):
         report.deadlines[round_id] = services.round_deadline_fire(round_id=round_id, phase=phase)

@@ -18,6 +18,7 @@ from .models import (
     OpinionRating,
     PairwisePreference,
     Participant,
+    Position,
     PredictedAgreement,
     Presentation,
     Ranking,
@@ -86,6 +87,16 @@ class ParticipantState:
     attention_expected: int | None = None  # None: no attention item in this study
     attention_answered: bool = False
     released: bool = False
+    # The Habermas Machine protocol (docs/habermas-protocol.md).
+    position_due: bool = False  # the position before the first opinion is still to give
+    has_ranked: bool = False  # this round's ranking is in (a critique round may follow)
+    closing_due: bool = False  # the closing questions after the last round are still to answer
+    previous_statement: str = ""  # a critique round: the statement the members critique
+    # The closing page: the first and the revised statement, in this member's order, as (candidate id, text).
+    closing_pair: list[tuple[int, str]] = field(default_factory=list)
+    # The human mediator's page: the members' opinions (and critiques, in a critique round), anonymised.
+    mediator_opinions: list[str] = field(default_factory=list)
+    mediator_critiques: list[str] = field(default_factory=list)
 
     @property
     def attention_label(self) -> str:
@@ -106,7 +117,13 @@ class ParticipantState:
     def view(self) -> str:
         """Which screen the participant sees (the rule is Participant.screen)."""
         return self.participant.screen(
-            round_=self.round, has_opinion=self.my_opinion is not None, has_statements=bool(self.statements), released=self.released
+            round_=self.round,
+            has_opinion=self.my_opinion is not None,
+            has_statements=bool(self.statements),
+            released=self.released,
+            has_ranked=self.has_ranked,
+            position_due=self.position_due,
+            closing_due=self.closing_due,
         )
 
     def main_key(self) -> str:
@@ -114,8 +131,10 @@ class ParticipantState:
         rated = ",".join(f"{s.candidate_id}:{s.agreement}:{s.quality}" for s in self.statements)
         preferred = ",".join(str(p.preferred_id) for p in self.preferences)
         opinions = ",".join(str(o.agreement) for o in self.opinions_to_rate)
+        # The human mediator's one screen shows different things by phase (waiting, writing, rated).
+        phase = f":{self.round.phase}" if self.view == Screen.MEDIATOR else ""
         return (
-            f"{self.round.pk}:{self.view}:{rated}:{preferred}:{opinions}:{self.attention_answered}:"
+            f"{self.round.pk}:{self.view}{phase}:{rated}:{preferred}:{opinions}:{self.attention_answered}:"
             f"{self.ranking.pk if self.ranking else ''}"
         )
 
@@ -174,11 +193,15 @@ def room_state_for(participant: Participant) -> ParticipantState:
         round=round_,
         experiment=room.experiment,
         question_text=room.question.text,
-        presence=_presence(members, writers, participant),
+        # A human mediator is not listed to the members, so they rate the statement without knowing who wrote it.
+        presence=_presence(
+            [m for m in members if m.pk != round_.mediator_id or m.pk == participant.pk], writers, participant
+        ),
         my_opinion=next((opinion for opinion in opinions if opinion.participant_id == participant.pk), None),
         opinions_in=len(writers),
-        opinions_expected=sum(1 for member in members if member.dropped_out_at is None),
+        opinions_expected=sum(1 for member in members if member.dropped_out_at is None and member.pk != round_.mediator_id),
     )
+    _add_protocol_steps(state, opinions=opinions)
     if round_.phase in (Round.Phase.RATING, Round.Phase.DONE):
         ratings = {r.candidate_id: r for r in Rating.objects.filter(participant=participant, candidate__round=round_)}
         source_arm_of: dict[int, int | None] = {}
@@ -195,13 +218,69 @@ def room_state_for(participant: Participant) -> ParticipantState:
                 )
             )
         state.ranking = Ranking.objects.filter(participant=participant, round=round_).first()
+        state.has_ranked = state.ranking is not None
         _add_protocol_items(state, source_arm_of=source_arm_of)
+        _add_closing(state)
     # A release ends the round, so only a finished round can have one (saves a query per render).
     state.released = round_.phase == Round.Phase.DONE and Release.objects.filter(participant=participant).exists()
     # The code follows the screen: a participant recorded as dropped out is never given one.
     if state.view in (Screen.DONE, Screen.RELEASED):
         state.completion_code = completion_code_for(participant)
     return state
+
+
+def _add_protocol_steps(state: ParticipantState, *, opinions: list[Opinion]) -> None:
+    """The protocol's steps before rating: the position before, the critiqued statement, the mediator's material.
+    Each reads only when its switch is on, so a study without them pays nothing per render."""
+    round_, participant, experiment = state.round, state.participant, state.experiment
+    if experiment.ask_positions and round_.index == 0 and round_.phase == Round.Phase.OPINIONS and state.my_opinion is None:
+        state.position_due = not Position.objects.filter(participant=participant, stage=Position.Stage.BEFORE).exists()
+    if round_.is_critique() and round_.previous_winner_id is not None:
+        state.previous_statement = Candidate.objects.values_list("text", flat=True).get(pk=round_.previous_winner_id)
+    if round_.mediator_id == participant.pk and round_.phase == Round.Phase.MEDIATING:
+        # Anonymised, in a seeded order of the mediator's own; in a critique round each critique sits with its
+        # author's opinion (the same pairing the model's revision prompt uses).
+        writers = [o for o in opinions if o.participant_id != participant.pk]
+        _participant_draw(round_, participant, "mediator").shuffle(writers)
+        if round_.is_critique():
+            first = dict(Opinion.objects.filter(round__room_id=round_.room_id, round__index=0).values_list("participant_id", "text"))
+            state.mediator_opinions = [first.get(o.participant_id, "") for o in writers]
+            state.mediator_critiques = [o.text for o in writers]
+        else:
+            state.mediator_opinions = [o.text for o in writers]
+
+
+def _add_closing(state: ParticipantState) -> None:
+    """After the last round: the final preference (a critique round was played) and the position after."""
+    round_, participant = state.round, state.participant
+    if not (round_.phase == Round.Phase.DONE and round_.outcome == Round.Outcome.COMPLETED and state.has_ranked):
+        return
+    if participant.has_finished or participant.has_left:
+        return
+    pair = closing_statements(round_=round_)
+    if pair is None and not state.experiment.ask_positions:
+        return
+    state.closing_due = True
+    if pair is not None:
+        first, revised = pair
+        ordered = [revised, first] if closing_pair_order(participant=participant, round_=round_) else [first, revised]
+        state.closing_pair = [(candidate.pk, candidate.text) for candidate in ordered]
+
+
+def closing_pair_order(*, participant: Participant, round_: Round) -> bool:
+    """Whether this member sees the revised statement first in the final preference (a seeded draw per member)."""
+    return _participant_draw(round_, participant, "final-preference").random() < 0.5
+
+
+def closing_statements(*, round_: Round) -> tuple[Candidate, Candidate] | None:
+    """(the first round's winning statement, the last round's), when the last round was a critique round."""
+    if not round_.is_critique():
+        return None
+    first_round = Round.objects.get(room_id=round_.room_id, index=0)
+    first, revised = first_round.winning_candidate(), round_.winning_candidate()
+    if first is None or revised is None:
+        return None
+    return first, revised
 
 
 def _participant_draw(round_: Round, participant: Participant, purpose: str) -> random.Random:

@@ -80,6 +80,7 @@ def mediate_round(self, round_id: int) -> str:
                     welfare_tie_break=arm.welfare_tie_break,
                     sampling=SamplingParams(max_new_tokens=settings.CONCORD_MAX_NEW_TOKENS),
                     on_stage=on_stage,
+                    revision=mediation.revision(),
                 )
                 results.append(
                     services.SourcedResult(arm_id=arm.pk, result=result, generator_version_id=version.pk if version else None)

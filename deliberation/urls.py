@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import inputs, views  # noqa: F401 - inputs registers the <dbid:...> converter
+from . import inputs, views, views_protocol  # noqa: F401 - inputs registers the <dbid:...> converter
 
 urlpatterns = [
     path("", views.home, name="home"),
@@ -15,6 +15,9 @@ urlpatterns = [
     path("p/<str:code>/prefer/", views.preference_submit, name="preference_submit"),
     path("p/<str:code>/opinion-rating/<dbid:opinion_id>/", views.opinion_rating_submit, name="opinion_rating_submit"),
     path("p/<str:code>/attention/", views.attention_submit, name="attention_submit"),
+    path("p/<str:code>/position/", views_protocol.position_submit, name="position_submit"),
+    path("p/<str:code>/closing/", views_protocol.closing_submit, name="closing_submit"),
+    path("p/<str:code>/statement/", views_protocol.mediator_statement_submit, name="mediator_statement_submit"),
     path("researcher/rooms/<dbid:room_id>/", views.room_monitor, name="room_monitor"),
     path("researcher/rooms/<dbid:room_id>/start/", views.room_start, name="room_start"),
     path("researcher/participants/<dbid:participant_id>/move-seat/", views.seat_transfer_issue, name="seat_transfer_issue"),

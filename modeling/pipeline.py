@@ -12,6 +12,7 @@ from enum import StrEnum
 from typing import Protocol
 
 from .generation.base import Candidate, GenerationRequest, Generator, SamplingParams
+from .generation.prompts import RevisionContext
 from .generation.quality import carried_payloads, find_injection
 from .reward.base import AgreementQuery, RewardModel
 from .welfare import WelfareResult, rank_candidates
@@ -64,6 +65,14 @@ def demote_injected(candidates: Sequence[HasText], opinions: Sequence[str], rank
     return [index for index in ranking if index not in demoted] + demoted, demoted
 
 
+def member_views(opinions: Sequence[str], revision: RevisionContext | None) -> list[str]:
+    """What the reward model conditions each member's agreement on: their opinion, and in a critique round
+    their critique of the previous statement after it (the reward models take one text per member)."""
+    if revision is None:
+        return list(opinions)
+    return [f"{opinion}\n\nMy critique of the previous statement: {critique}" for opinion, critique in zip(opinions, revision.critiques, strict=True)]
+
+
 def mediate(
     *,
     question: str,
@@ -77,29 +86,35 @@ def mediate(
     welfare_tie_break: str = "index",
     sampling: SamplingParams | None = None,
     on_stage: StageCallback | None = None,
+    revision: RevisionContext | None = None,
 ) -> MediationResult:
+    """With `revision` (a critique round), the generator revises the previous statement from the opinions and
+    critiques, and the reward model predicts each member's agreement from their opinion and critique together."""
     if len(opinions) < 1:
         raise ValueError("mediate needs at least one opinion")
+    if revision is not None and len(revision.critiques) != len(opinions):
+        raise ValueError("a revision needs one critique per opinion")
     notify = on_stage or (lambda stage, done, total: None)
 
     notify(PipelineStage.GENERATING, 0, n)
     request = GenerationRequest(
-        question=question, opinions=list(opinions), n=n, seed=seed, sampling=sampling or SamplingParams()
+        question=question, opinions=list(opinions), n=n, seed=seed, sampling=sampling or SamplingParams(), revision=revision
     )
     candidates = generator.generate(request, on_progress=lambda done, total: notify(PipelineStage.GENERATING, done, total))
 
     notify(PipelineStage.RANKING, 0, len(candidates))
     # Every (participant, candidate) pair in one batch: one forward pass, not P x N.
+    members = member_views(opinions, revision)
     queries = [
-        AgreementQuery(question=question, opinion=opinion, statement=candidate.text)
-        for opinion in opinions
+        AgreementQuery(question=question, opinion=member, statement=candidate.text)
+        for member in members
         for candidate in candidates
     ]
     flat = reward_model.predict(queries)
     predicted = [flat[p * len(candidates) : (p + 1) * len(candidates)] for p in range(len(opinions))]
     # The round's seed also seeds the tie-break, so a round's ranking can be reproduced.
     welfare = rank_candidates(predicted, method=welfare_method, alpha=welfare_alpha, tie_break=welfare_tie_break, seed=seed)
-    welfare.ranking, demoted = demote_injected(candidates, opinions, welfare.ranking)
+    welfare.ranking, demoted = demote_injected(candidates, members, welfare.ranking)
     notify(PipelineStage.RANKING, len(candidates), len(candidates))
     return MediationResult(
         candidates=candidates,

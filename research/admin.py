@@ -87,6 +87,7 @@ class ExperimentAdmin(OwnedByResearcherAdmin):
         ("Groups and timers", {"fields": ["group_size", "min_group_size", "max_wait_seconds", "opinion_seconds", "rating_seconds", "opinion_min_chars", "opinion_max_chars"]}),
         ("Questions", {"fields": ["questions", "question_split", "question_topic"], "description": "Attach questions, or leave none attached and draw from the whole bank by split and topic."}),
         ("Protocols", {"fields": ["rate_opinions", "attention_check", "assignment_seed"]}),
+        ("Habermas Machine protocol", {"fields": ["critique_rounds", "ask_positions"], "description": "Critique-and-revision rounds and positions before and after (docs/habermas-protocol.md). A human mediator is an arm setting."}),
         ("Participants", {"fields": ["require_allow_list", "allow_several_seats_per_browser", "add_allowed_external_ids", "completion_code", "completion_url", "release_code"]}),
     ]
 
@@ -135,7 +136,7 @@ class ExperimentAdmin(OwnedByResearcherAdmin):
 
 @admin.register(Arm)
 class ArmAdmin(OwnedByResearcherAdmin):
-    list_display = ["name", "experiment", "welfare_method", "welfare_alpha", "welfare_tie_break", "n_candidates", "k_shown", "reward_model", "weight", "compare_with", "exclude_one_opinion"]
+    list_display = ["name", "experiment", "welfare_method", "welfare_alpha", "welfare_tie_break", "n_candidates", "k_shown", "reward_model", "weight", "compare_with", "exclude_one_opinion", "human_mediator"]
 
 
 @admin.register(RewardModelVersion)

@@ -40,11 +40,13 @@ from deliberation.models import (
     AttentionCheck,
     Candidate,
     Experiment,
+    FinalPreference,
     Opinion,
     OpinionRating,
     PageView,
     PairwisePreference,
     Participant,
+    Position,
     PredictedAgreement,
     Presentation,
     Question,
@@ -427,7 +429,8 @@ PARTICIPANTS = Table(
 
 
 def _opinions(ctx: ExportContext) -> QuerySet[Opinion]:
-    return Opinion.objects.filter(round__room__experiment=ctx.experiment).order_by("id")
+    # A critique round's texts are critiques (see the critiques table), not opinions.
+    return Opinion.objects.filter(round__room__experiment=ctx.experiment, round__kind=Round.Kind.OPINION).order_by("id")
 
 
 def _opinion_rows(ctx: ExportContext) -> Iterator[tuple[Any, ...]]:
@@ -800,10 +803,146 @@ TIMINGS = Table(
     foreign_keys=_refs(("participant_id", "participants.participant_id"), ("round_id", "groups.round_id")),
 )
 
+# The Habermas Machine protocol (docs/habermas-protocol.md) -----------------------------------------
+
+
+def _protocol_rounds(ctx: ExportContext) -> QuerySet[Round]:
+    return _rounds(ctx).filter(Q(kind=Round.Kind.CRITIQUE) | Q(mediator__isnull=False) | Q(room__experiment__critique_rounds__gt=0))
+
+
+PROTOCOL_ROUNDS = Table(
+    name="protocol_rounds",
+    description="Rounds of the Habermas Machine protocol: which kind, which statement a critique round revised, who mediated.",
+    columns=lambda ctx: [
+        Column("round_id", "integer", "Round (see groups)."),
+        Column("group_id", "integer", "Group (room) id."),
+        Column("round_index", "integer", "Round number within the group (0: the opinion round; 1, 2, ...: critique rounds)."),
+        Column("kind", "string", "opinion (opinions, then statements) or critique (critiques of the previous winner, then revised statements)."),
+        Column("previous_winner_candidate_id", "integer", "Critique rounds: the statement critiqued, the previous round's winner (Borda count of the members' rankings; ties by welfare rank)."),
+        Column("winner_candidate_id", "integer", "This round's winning statement, by the same rule (blank: none was shown)."),
+        Column("human_mediator_id", "string", "Human mediator arm: the member who wrote this round's statement. " + P),
+    ],
+    rows=lambda ctx: (
+        (pk, room_id, index, kind, previous, winner.pk if (winner := Round(pk=pk).winning_candidate()) else None, ctx.pseudonym(mediator))
+        for pk, room_id, index, kind, previous, mediator in _iterate(
+            _protocol_rounds(ctx), ctx, "pk", "room_id", "index", "kind", "previous_winner_id", "mediator_id"
+        )
+    ),
+    count=lambda ctx: _protocol_rounds(ctx).count(),
+)
+
+
+def _critiques(ctx: ExportContext) -> QuerySet[Opinion]:
+    return Opinion.objects.filter(round__room__experiment=ctx.experiment, round__kind=Round.Kind.CRITIQUE).order_by("id")
+
+
+CRITIQUES = Table(
+    name="critiques",
+    description="Critiques members wrote of the previous round's winning statement, in critique rounds.",
+    columns=lambda ctx: [
+        Column("critique_id", "integer", "Critique id."),
+        Column("round_id", "integer", "Critique round (see groups, protocol_rounds)."),
+        Column("round_index", "integer", "Round number within the group."),
+        Column("participant_id", "string", "Author. " + P),
+        Column("previous_winner_candidate_id", "integer", "The statement critiqued (see candidates)."),
+        Column("text", "string", "The critique as submitted."),
+        Column("created_at", "datetime", "When it was submitted, UTC."),
+    ],
+    rows=lambda ctx: (
+        (pk, round_id, index, ctx.pseudonym(participant_id), previous, text, created_at)
+        for pk, round_id, index, participant_id, previous, text, created_at in _iterate(
+            _critiques(ctx), ctx, "pk", "round_id", "round__index", "participant_id", "round__previous_winner_id", "text", "created_at"
+        )
+    ),
+    count=lambda ctx: _critiques(ctx).count(),
+)
+
+
+def _positions(ctx: ExportContext) -> QuerySet[Position]:
+    return Position.objects.filter(participant__room__experiment=ctx.experiment).order_by("id")
+
+
+POSITIONS = Table(
+    name="positions",
+    description="Members' positions on the question before their first opinion and after the last round.",
+    columns=lambda ctx: [
+        Column("position_id", "integer", "Position id."),
+        Column("participant_id", "string", P),
+        Column("round_id", "integer", "Round it was given in (before: the first; after: the last played)."),
+        Column("stage", "string", "before or after."),
+        Column("position", "integer", "1: the question's negating statement ... 7: its affirming statement (see questions)."),
+        Column("strength", "integer", "How strongly the position is held: 1 not at all strongly ... 7 extremely strongly."),
+        Column("created_at", "datetime", "When it was given, UTC."),
+    ],
+    rows=lambda ctx: (
+        (pk, ctx.pseudonym(p), r, stage, position, strength, t)
+        for pk, p, r, stage, position, strength, t in _iterate(
+            _positions(ctx), ctx, "pk", "participant_id", "round_id", "stage", "position", "strength", "created_at"
+        )
+    ),
+    count=lambda ctx: _positions(ctx).count(),
+)
+
+
+def _final_preferences(ctx: ExportContext) -> QuerySet[FinalPreference]:
+    return FinalPreference.objects.filter(participant__room__experiment=ctx.experiment).order_by("id")
+
+
+FINAL_PREFERENCES = Table(
+    name="final_preferences",
+    description="After the last critique round: whether each member preferred the first round's or the revised statement.",
+    columns=lambda ctx: [
+        Column("final_preference_id", "integer", "Final preference id."),
+        Column("participant_id", "string", P),
+        Column("first_candidate_id", "integer", "The first round's winning statement (see candidates)."),
+        Column("revised_candidate_id", "integer", "The last critique round's winning statement (see candidates)."),
+        Column("preferred_candidate_id", "integer", "The one preferred."),
+        Column("prefers_revision", "boolean", "The revised statement was preferred."),
+        Column("revised_shown_first", "boolean", "The revised statement was shown first (a seeded draw per member)."),
+        Column("created_at", "datetime", "When it was given, UTC."),
+    ],
+    rows=lambda ctx: (
+        (pk, ctx.pseudonym(p), first, revised, preferred, preferred == revised, shown_first, t)
+        for pk, p, first, revised, preferred, shown_first, t in _iterate(
+            _final_preferences(ctx), ctx, "pk", "participant_id", "first_candidate_id", "revised_candidate_id", "preferred_id",
+            "revised_shown_first", "created_at",
+        )
+    ),
+    count=lambda ctx: _final_preferences(ctx).count(),
+)
+
+
+def _human_statements(ctx: ExportContext) -> QuerySet[Candidate]:
+    return _candidates(ctx).filter(author__isnull=False)
+
+
+HUMAN_STATEMENTS = Table(
+    name="human_statements",
+    description="Statements written by a human mediator (they are also in candidates, backend 'human'), with their author.",
+    columns=lambda ctx: [
+        Column("candidate_id", "integer", "Candidate id (see candidates)."),
+        Column("round_id", "integer", "Round (see groups, protocol_rounds)."),
+        Column("author_id", "string", "The member who wrote it as mediator. " + P),
+        Column("previous_winner_candidate_id", "integer", "Critique rounds: the statement it revises."),
+        Column("text", "string", "The statement as submitted."),
+        Column("writing_ms", "number", "Time from the start of the mediation phase to the submission, in milliseconds."),
+        Column("created_at", "datetime", "When it was submitted, UTC."),
+    ],
+    rows=lambda ctx: (
+        (pk, r, ctx.pseudonym(a), previous, text, ms, t)
+        for pk, r, a, previous, text, ms, t in _iterate(
+            _human_statements(ctx), ctx, "pk", "round_id", "author_id", "round__previous_winner_id", "text", "latency_ms", "created_at"
+        )
+    ),
+    count=lambda ctx: _human_statements(ctx).count(),
+)
+
+PROTOCOL_TABLES = [PROTOCOL_ROUNDS, CRITIQUES, POSITIONS, FINAL_PREFERENCES, HUMAN_STATEMENTS]
+
 
 TABLES: list[Table] = [
     EXPERIMENT, QUESTIONS, ARMS, GROUPS, PARTICIPANTS, OPINIONS, CANDIDATES, PREDICTED, PRESENTATIONS,
-    AGREEMENT, QUALITY, OPINION_RATINGS, RANKINGS, PREFERENCES, ATTENTION, TIMINGS,
+    AGREEMENT, QUALITY, OPINION_RATINGS, RANKINGS, PREFERENCES, ATTENTION, TIMINGS, *PROTOCOL_TABLES,
 ]
 
 

@@ -10,6 +10,7 @@ still in, when a deadline has passed) are methods of the models.
 - mediation: claiming a round for the pipeline, progress, storing candidates, failures
 - seats: a researcher's one-time link that moves a seat to a new browser
 - rating: ratings, rankings, and the rating-phase protocols (preferences, opinion ratings, attention)
+- protocol: the Habermas Machine protocol's positions, closing questions and human mediator's statement
 
 This package re-exports the public functions, so callers write `services.opinion_submit(...)`.
 """
@@ -33,6 +34,7 @@ from .phases import (
     round_finish,
     round_start,
 )
+from .protocol import closing_submit, mediator_statement_submit, position_before_submit
 from .rating import (
     attention_check_submit,
     opinion_rating_submit,
@@ -52,16 +54,19 @@ __all__ = [
     "WrongPhase",
     "attention_check_submit",
     "candidates_store",
+    "closing_submit",
     "mediation_claim",
     "mediation_fail",
     "mediation_heartbeat",
     "mediation_progress",
+    "mediator_statement_submit",
     "opinion_rating_submit",
     "opinion_save_draft",
     "opinion_submit",
     "page_view_record",
     "pairwise_preference_submit",
     "participant_join",
+    "position_before_submit",
     "presence_connect",
     "presence_disconnect",
     "ranking_submit",

@@ -17,6 +17,7 @@ from ..models import Arm, Candidate, Opinion, Participant, PredictedAgreement, P
 from .phases import round_finish, round_phase_set
 
 if TYPE_CHECKING:
+    from modeling.generation.prompts import RevisionContext
     from modeling.pipeline import MediationResult
 
 
@@ -34,6 +35,17 @@ class MediationInput:
     # Arm ids whose configurations generate: the room's arm first, then a head-to-head opponent.
     source_arm_ids: list[int] = field(default_factory=list)
     excluded_participant_id: int | None = None
+    # A critique round: the statement critiqued and each included member's critique (aligned with opinions).
+    previous_statement: str = ""
+    critiques: list[str] = field(default_factory=list)
+
+    def revision(self) -> RevisionContext | None:
+        """What the pipeline revises from, in a critique round (None in a first round)."""
+        from modeling.generation.prompts import RevisionContext
+
+        if not self.critiques:
+            return None
+        return RevisionContext(previous_statement=self.previous_statement, critiques=list(self.critiques))
 
     def seed_for(self, source_arm_id: int) -> int:
         """The room's arm keeps the round's seed; an opponent gets its own, so the two never write the same text."""
@@ -50,8 +62,11 @@ def mediation_claim(*, round_id: int) -> MediationInput | None:
     """
     with transaction.atomic():
         round_ = Round.objects.select_for_update().select_related("room__question", "room__arm").get(pk=round_id)
-        if round_.phase != Round.Phase.MEDIATING or round_.candidates.exists():
-            return None
+        human_versus_model = round_.mediator_id is not None and round_.room.arm.compare_with_id is not None
+        if round_.phase != Round.Phase.MEDIATING or round_.candidates.filter(author__isnull=True).exists():
+            return None  # nothing to do, or already done
+        if round_.mediator_id is not None and not human_versus_model:
+            return None  # a human mediator writes this round's statement, and no model writes beside them
         round_.mediation_attempts += 1
         # Loading the models can take a while on a fresh worker: say the mediator has started.
         round_.progress_stage = Round.Stage.STARTING
@@ -75,16 +90,31 @@ def mediation_claim(*, round_id: int) -> MediationInput | None:
         for position, opinion in enumerate(included):
             opinion.generation_position = position
         Opinion.objects.bulk_update(included, ["generation_position"])
+        critiques: list[str] = []
+        previous_statement = ""
+        if round_.is_critique():
+            # This round's "opinions" are the critiques; the opinions are the same members' first-round ones.
+            critiques = [o.text for o in included]
+            first = dict(
+                Opinion.objects.filter(round__room_id=round_.room_id, round__index=0).values_list("participant_id", "text")
+            )
+            included_texts = [first.get(o.participant_id, "") for o in included]
+            previous_statement = round_.previous_winner.text if round_.previous_winner else ""
+        else:
+            included_texts = [o.text for o in included]
         return MediationInput(
             round_id=round_.pk,
             question=round_.room.question.text,
             participant_ids=[o.participant_id for o in included],
-            opinions=[o.text for o in included],
+            opinions=included_texts,
             seed=round_.seed,
             arm_id=arm.pk,
             rater_ids=writer_ids,
-            source_arm_ids=[a.pk for a in arm.mediation_arms()],
+            # Human vs model head-to-head: the model writes only with the compared arm's configuration.
+            source_arm_ids=[arm.compare_with_id] if human_versus_model and arm.compare_with_id else [a.pk for a in arm.mediation_arms()],
             excluded_participant_id=round_.excluded_participant_id,
+            previous_statement=previous_statement,
+            critiques=critiques,
         )
 
 
@@ -139,13 +169,17 @@ def candidates_store(*, mediation: MediationInput, results: Sequence[SourcedResu
     """
     with transaction.atomic():
         round_ = Round.objects.select_for_update().select_related("room__arm", "room__experiment").get(pk=mediation.round_id)
-        if round_.phase != Round.Phase.MEDIATING or round_.candidates.exists():
+        if round_.phase != Round.Phase.MEDIATING or round_.candidates.filter(author__isnull=True).exists():
             return False
         if [r.arm_id for r in results] != (mediation.source_arm_ids or [mediation.arm_id]):
             raise ValueError("mediation results do not match the round's configurations")
         arms = {arm.pk: arm for arm in Arm.objects.filter(pk__in=[r.arm_id for r in results])}
-        quotas = _shown_per_source(k_shown=round_.room.arm.k_shown, sources=len(results))
-        stored: list[Candidate] = []
+        human = round_.candidates.filter(author__isnull=False).first()
+        # Human vs model head-to-head: the human statement takes one of the K places, the model the rest.
+        quotas = [max(1, round_.room.arm.k_shown - 1)] if round_.mediator_id is not None else _shown_per_source(
+            k_shown=round_.room.arm.k_shown, sources=len(results)
+        )
+        stored: list[Candidate] = [human] if human is not None else []
         shown_ids: list[int] = []
         for sourced, quota in zip(results, quotas, strict=True):
             result, arm = sourced.result, arms[sourced.arm_id]
@@ -193,23 +227,31 @@ def candidates_store(*, mediation: MediationInput, results: Sequence[SourcedResu
             )
             shown_ids += [candidate.pk for candidate in sorted(these, key=lambda c: c.rank or 0) if candidate.shown]
             stored += these
-        raters = Participant.objects.filter(
-            pk__in=mediation.rater_ids or mediation.participant_ids, dropped_out_at__isnull=True
+        if round_.mediator_id is not None and human is None:
+            # Head-to-head with a human mediator who is still writing: rating opens with their statement.
+            round_.progress_stage = Round.Stage.READY
+            round_.save(update_fields=["progress_stage"])
+            return True
+        rating_open(
+            round_=round_, rater_ids=mediation.rater_ids or mediation.participant_ids, shown_ids=([human.pk] if human else []) + shown_ids
         )
-        Presentation.objects.bulk_create(
-            Presentation(participant=participant, candidate_id=candidate_id, position=position)
-            for participant in raters
-            for position, candidate_id in enumerate(
-                _presentation_order(round_=round_, participant=participant, candidate_ids=shown_ids)
-            )
-        )
-        round_.progress_stage = Round.Stage.READY
-        round_.progress_done = round_.progress_total = len(stored)
-        round_.rating_started_at = timezone.now()
-        round_.mediation_error = ""
-        events.send_on_commit(events.CandidatesReady(room_id=round_.room_id, round_id=round_.pk))
-        round_phase_set(round_=round_, phase=Round.Phase.RATING, deadline_seconds=round_.room.experiment.rating_seconds)
     return True
+
+
+def rating_open(*, round_: Round, rater_ids: Sequence[int], shown_ids: Sequence[int]) -> None:
+    """Present the shown statements to each rater in an order of their own (seeded), and open rating."""
+    raters = Participant.objects.filter(pk__in=rater_ids, dropped_out_at__isnull=True)
+    Presentation.objects.bulk_create(
+        Presentation(participant=participant, candidate_id=candidate_id, position=position)
+        for participant in raters
+        for position, candidate_id in enumerate(_presentation_order(round_=round_, participant=participant, candidate_ids=list(shown_ids)))
+    )
+    round_.progress_stage = Round.Stage.READY
+    round_.progress_done = round_.progress_total = round_.candidates.count()
+    round_.rating_started_at = timezone.now()
+    round_.mediation_error = ""
+    events.send_on_commit(events.CandidatesReady(room_id=round_.room_id, round_id=round_.pk))
+    round_phase_set(round_=round_, phase=Round.Phase.RATING, deadline_seconds=round_.room.experiment.rating_seconds)
 
 
 def mediation_fail(*, round_id: int, error: str, final: bool) -> None:

@@ -6,6 +6,7 @@ each under the round's row lock, so two requests cannot both advance it.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from datetime import timedelta
 
@@ -15,7 +16,7 @@ from django.utils import timezone
 from .. import dispatch, events
 from ..dispatch import TaskName
 from ..inputs import clean_text, visible_length
-from ..models import MIN_OPINIONS_FOR_MEDIATION, Opinion, Participant, Release, Room, Round
+from ..models import MIN_OPINIONS_FOR_MEDIATION, Opinion, Participant, Position, Release, Room, Round
 from .errors import InvalidInput, WrongPhase
 
 
@@ -70,6 +71,11 @@ def round_open_opinions(*, round_: Round) -> None:
     room.started_at = timezone.now()
     room.save(update_fields=["status", "started_at"])
     round_.opinions_started_at = timezone.now()
+    if room.arm.human_mediator and round_.mediator_id is None:
+        # Human mediator arm: a seeded draw (reproducible from the round's seed) names the member who writes
+        # the statement instead of an opinion.
+        members = list(room.participants.filter(dropped_out_at__isnull=True).order_by("id").values_list("pk", flat=True))
+        round_.mediator_id = random.Random(f"{round_.seed}:mediator").choice(members)
     round_phase_set(round_=round_, phase=Round.Phase.OPINIONS, deadline_seconds=room.experiment.opinion_seconds)
 
 
@@ -87,6 +93,18 @@ def round_start(*, room: Room) -> Round:
 
 
 def _begin_mediation(*, round_: Round) -> None:
+    if round_.mediator_id is not None:
+        # Human mediator arm: the mediator writes, with the opinion phase's time as a timer; a model writes beside
+        # them only in a head-to-head arm (compare_with).
+        round_.mediation_started_at = timezone.now()
+        round_phase_set(round_=round_, phase=Round.Phase.MEDIATING, deadline_seconds=round_.room.experiment.opinion_seconds)
+        if round_.room.arm.compare_with_id is not None:
+            round_.progress_at = round_.mediation_started_at
+            round_.progress_total = sum(arm.n_candidates for arm in round_.room.arm.mediation_arms()[1:])
+            round_.save(update_fields=["progress_at", "progress_total"])
+            round_id = round_.pk
+            transaction.on_commit(lambda: dispatch.enqueue(TaskName.MEDIATE_ROUND, args=[round_id]))
+        return
     round_.mediation_started_at = round_.progress_at = timezone.now()
     round_.progress_stage = Round.Stage.QUEUED
     round_.progress_done = 0
@@ -129,6 +147,14 @@ def opinion_submit(*, participant: Participant, text: str) -> Opinion:
             raise WrongPhase("Opinions can no longer be submitted in this round.")
         if participant.has_left:
             raise WrongPhase("You were marked as having left this discussion.")
+        if round_.mediator_id == participant.pk:
+            raise WrongPhase("As this round's mediator, you write the group statement, not an opinion.")
+        if (
+            round_.index == 0
+            and participant.room.experiment.ask_positions
+            and not Position.objects.filter(participant=participant, stage=Position.Stage.BEFORE).exists()
+        ):
+            raise InvalidInput("Please give your position on the question first.")
         opinion = Opinion.objects.create(round=round_, participant=participant, text=text)
         Participant.objects.filter(pk=participant.pk).update(opinion_draft="")
         events.send_on_commit(
@@ -157,9 +183,18 @@ def round_deadline_fire(*, round_id: int, phase: str) -> str:
             _drop_out(participants=silent, reason="no opinion before the deadline")
             round_finish(round_=round_, outcome=Round.Outcome.ABANDONED)
             return "abandoned"
+        if phase == Round.Phase.MEDIATING and round_.mediator_id is not None:
+            # The human mediator wrote no statement in time: the round fails, as a model that keeps failing does.
+            if round_.candidates.filter(author__isnull=False).exists():
+                return "stale"
+            round_.mediation_error = "the human mediator wrote no statement before the deadline"
+            round_.save(update_fields=["mediation_error"])
+            round_finish(round_=round_, outcome=Round.Outcome.FAILED)
+            return "failed"
         if phase == Round.Phase.RATING:
             raters = round_.rater_ids()
-            unfinished = [p for p in round_.active_participants() if p.finished_at is None and p.pk in raters]
+            ranked = round_.ranked_ids()
+            unfinished = [p for p in round_.active_participants() if p.pk in raters and p.pk not in ranked]
             _drop_out(participants=unfinished, reason="did not finish rating before the deadline")
             round_finish(round_=round_, outcome=Round.Outcome.COMPLETED)
             return "done"
@@ -170,5 +205,34 @@ def round_finish(*, round_: Round, outcome: str) -> None:
     round_.outcome = outcome
     round_.finished_at = timezone.now()
     round_phase_set(round_=round_, phase=Round.Phase.DONE, deadline_seconds=None)
+    if outcome == Round.Outcome.COMPLETED and _critique_round_open(previous=round_):
+        return
     Room.objects.filter(pk=round_.room_id).update(status=Room.Status.CLOSED, closed_at=timezone.now())
+
+
+def _critique_round_open(*, previous: Round) -> Round | None:
+    """After a completed round, the next critique round (if the experiment asks for one and enough members are
+    still in): the members critique the winning statement, in a round that reuses the opinion phase's machinery
+    (timer, limits, drafts, dropouts); the critiques are that round's Opinion rows."""
+    experiment = Room.objects.select_related("experiment").get(pk=previous.room_id).experiment
+    if previous.is_last(critique_rounds=experiment.critique_rounds):
+        return None
+    winner = previous.winning_candidate()
+    ranked = previous.ranked_ids()
+    critics = [p for p in previous.active_participants() if p.pk in ranked]
+    if winner is None or not previous.can_be_mediated(len(critics)):
+        return None  # too few members left to revise for: the room ends after this round
+    round_ = Round.objects.create(
+        room_id=previous.room_id,
+        index=previous.index + 1,
+        kind=Round.Kind.CRITIQUE,
+        seed=random.Random(f"{previous.seed}:critique:{previous.index + 1}").getrandbits(31),
+        previous_winner=winner,
+        mediator_id=previous.mediator_id,
+        excluded_participant_id=previous.excluded_participant_id,
+        opinions_started_at=timezone.now(),
+    )
+    # Members who did not rank the previous round (rating deadline) were dropped then; nobody else is.
+    round_phase_set(round_=round_, phase=Round.Phase.OPINIONS, deadline_seconds=experiment.opinion_seconds)
+    return round_
 

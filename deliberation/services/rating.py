@@ -31,6 +31,8 @@ def _rating_round(*, participant: Participant) -> Round:
         raise WrongPhase("You have already submitted your ranking.")
     if participant.has_left:
         raise WrongPhase("You were marked as having left this discussion.")
+    if Ranking.objects.filter(participant=participant, round=round_).exists():
+        raise WrongPhase("You have already submitted your ranking.")
     return round_
 
 
@@ -64,8 +66,10 @@ def rating_submit(*, participant: Participant, candidate_id: int, agreement: obj
 def ranking_submit(*, participant: Participant, positions: dict[int, object]) -> Ranking:
     """`positions` maps each presented candidate id to the participant's rank for it (1 = best)."""
     with transaction.atomic():
-        participant = Participant.objects.select_for_update().get(pk=participant.pk)
-        existing = Ranking.objects.filter(participant=participant, round__room_id=participant.room_id).first()
+        participant = Participant.objects.select_for_update().select_related("room__experiment").get(pk=participant.pk)
+        # One ranking per member and round: a double submit (or a late second tab) gets the first one back.
+        current = Round.objects.current(room_id=participant.room_id)
+        existing = Ranking.objects.filter(participant=participant, round=current).first()
         if existing is not None:
             return existing
         round_ = _rating_round(participant=participant)
@@ -88,13 +92,15 @@ def ranking_submit(*, participant: Participant, positions: dict[int, object]) ->
         _check_protocol_items_done(participant=participant, round_=round_)
         order = sorted(ranks, key=lambda candidate_id: ranks[candidate_id])
         ranking = Ranking.objects.create(participant=participant, round=round_, order=order)
-        participant.finished_at = timezone.now()
-        participant.save(update_fields=["finished_at"])
+        experiment = participant.room.experiment
+        # The member is finished unless more is asked after this round: a critique round, or (after the last
+        # round) the closing questions (the final preference, the position after; services/protocol.py).
+        if round_.is_last(critique_rounds=experiment.critique_rounds) and not experiment.ask_positions and not round_.is_critique():
+            participant.finished_at = timezone.now()
+            participant.save(update_fields=["finished_at"])
         events.send_on_commit(events.ParticipantFinished(room_id=participant.room_id, round_id=round_.pk, participant_id=participant.pk))
-        raters = round_.rater_ids()
-        still_rating = Participant.objects.filter(
-            pk__in=raters, finished_at__isnull=True, dropped_out_at__isnull=True
-        ).exists()
+        raters = round_.rater_ids() - round_.ranked_ids()
+        still_rating = Participant.objects.filter(pk__in=raters, dropped_out_at__isnull=True).exists()
         if not still_rating:
             round_finish(round_=round_, outcome=Round.Outcome.COMPLETED)
     return ranking

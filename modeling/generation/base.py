@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
+
+if TYPE_CHECKING:
+    from .prompts import RevisionContext
 
 # Called as on_progress(done, total) while candidates are being written.
 ProgressCallback = Callable[[int, int], None]
@@ -30,6 +33,8 @@ class GenerationRequest:
     n: int
     seed: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    # A critique round: revise the previous statement in the light of the members' critiques.
+    revision: RevisionContext | None = None
 
 
 @dataclass

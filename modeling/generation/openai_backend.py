@@ -135,7 +135,7 @@ class OpenAIGenerator:
             progress.update(count)
 
         def sampler(indices: Sequence[int]) -> list[RawSample]:
-            plans = plan_prompts(request.question, request.opinions, request.seed, indices)
+            plans = plan_prompts(request.question, request.opinions, request.seed, indices, revision=request.revision)
             return self._sample_plans(plans, request, lambda finished: progress.update(accepted + finished))
 
         samples = collect_statements(

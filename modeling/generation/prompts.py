@@ -43,8 +43,25 @@ TASK_INSTRUCTION = (
     "starting with \"We\", that says what the group agrees on and acknowledges where it disagrees."
 )
 
+# Critique and revision (the Habermas Machine's second step; the seed set's "revision" examples: opinions,
+# the previous statement, one critique per member, and the statement rewritten to answer them).
+REVISION_INSTRUCTION = (
+    "Rewrite the previous statement as ONE revised consensus statement that the whole group could endorse: "
+    "a short paragraph, starting with \"We\", that keeps what the group accepted, answers each critique, "
+    "and acknowledges where the group still disagrees."
+)
+
 # What a model must not merely recite back (cleaning rejects such echoes and resamples).
-INSTRUCTION_TEXTS = (SYSTEM_PROMPT, TASK_INSTRUCTION)
+INSTRUCTION_TEXTS = (SYSTEM_PROMPT, TASK_INSTRUCTION, REVISION_INSTRUCTION)
+
+
+@dataclass(frozen=True)
+class RevisionContext:
+    """What a revision prompt adds to the opinions: the statement the group critiqued, and each member's
+    critique of it, aligned with the opinions (critiques[i] is the author of opinions[i]'s)."""
+
+    previous_statement: str
+    critiques: Sequence[str]
 
 # Chat-template special tokens of the common families: ChatML (<|im_start|>, <|endoftext|>),
 # Llama 3 (<|start_header_id|>, <|eot_id|>), Gemma (<start_of_turn>), Llama 2 ([INST], <<SYS>>, <s>).
@@ -142,20 +159,52 @@ def build_messages(
     order: Sequence[int],
     *,
     extra_special_tokens: Sequence[str] = (),
+    revision: RevisionContext | None = None,
 ) -> list[ChatMessage]:
-    """The chat for one sample, opinions in `order` (indices into `opinions`)."""
+    """The chat for one sample, opinions in `order` (indices into `opinions`); with `revision`, the
+    revision prompt (critiques in the same shuffled order as the opinions, numbered alike)."""
     if not opinions:
         raise ValueError("a consensus prompt needs at least one opinion")
     blocks = []
     for position, index in enumerate(order, start=1):
         body = neutralize_opinion(opinions[index], extra_special_tokens)
         blocks.append(f'<opinion n="{position}">\n{body}\n</opinion>')
+    if revision is not None:
+        return _revision_messages(question, blocks, order, revision, extra_special_tokens)
     user = (
         f"Question: {neutralize_question(question, extra_special_tokens)}\n\n"
         f"Opinions of the {len(order)} group members, quoted:\n\n"
         + "\n\n".join(blocks)
         # The instruction comes last, so the last words the model reads before answering are ours.
         + f"\n\n{TASK_INSTRUCTION}"
+    )
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+
+
+def _revision_messages(
+    question: str,
+    opinion_blocks: list[str],
+    order: Sequence[int],
+    revision: RevisionContext,
+    extra_special_tokens: Sequence[str],
+) -> list[ChatMessage]:
+    if len(revision.critiques) != len(order):
+        raise ValueError("a revision prompt needs one critique per opinion")
+    # Critiques are participants' words and the previous statement was written from them: both are quoted
+    # data, neutralised exactly as opinions are. Critique n is by the author of opinion n.
+    critique_blocks = [
+        f'<critique n="{position}">\n{neutralize_opinion(revision.critiques[index], extra_special_tokens)}\n</critique>'
+        for position, index in enumerate(order, start=1)
+    ]
+    previous = neutralize_opinion(revision.previous_statement, extra_special_tokens)
+    user = (
+        f"Question: {neutralize_question(question, extra_special_tokens)}\n\n"
+        f"Opinions of the {len(order)} group members, quoted:\n\n"
+        + "\n\n".join(opinion_blocks)
+        + f"\n\nPrevious consensus statement, quoted:\n\n<statement>\n{previous}\n</statement>\n\n"
+        + "Each member's critique of the previous statement, quoted (critique n is by the author of opinion n):\n\n"
+        + "\n\n".join(critique_blocks)
+        + f"\n\n{REVISION_INSTRUCTION}"
     )
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
@@ -167,11 +216,12 @@ def plan_prompts(
     sample_indices: Sequence[int],
     *,
     extra_special_tokens: Sequence[str] = (),
+    revision: RevisionContext | None = None,
 ) -> list[PromptPlan]:
     plans = []
     for index in sample_indices:
         order = opinion_order(seed, index, len(opinions))
-        messages = build_messages(question, opinions, order, extra_special_tokens=extra_special_tokens)
+        messages = build_messages(question, opinions, order, extra_special_tokens=extra_special_tokens, revision=revision)
         plans.append(PromptPlan(sample_index=index, opinion_order=order, messages=messages))
     return plans
 

@@ -75,12 +75,18 @@ class StandInGenerator:
         for sample_index in range(request.n):
             started = time.perf_counter()
             order = opinion_order(request.seed, sample_index, len(request.opinions))
-            prompt = _render_prompt(build_messages(request.question, request.opinions, order))
+            prompt = _render_prompt(build_messages(request.question, request.opinions, order, revision=request.revision))
             opening = _OPENINGS[sample_index % len(_OPENINGS)]
             clauses = [_gist(request.opinions[index]) for index in order]
             text = (
                 f"{opening} {clauses[0].rstrip(',;:')}."
                 + "".join(f" Some of us add: {clause.rstrip(',;:')}." for clause in clauses[1:])
+                # A revision answers the critiques, so its text (and the reward model's view of it) differs.
+                + (
+                    "".join(f" We also heard: {_gist(request.revision.critiques[index]).rstrip(',;:')}." for index in order)
+                    if request.revision is not None
+                    else ""
+                )
                 + f" (Draft {sample_index + 1}.)"
             )
             candidates.append(

@@ -273,7 +273,8 @@ class TransformersGenerator:
 
         def sampler(indices: Sequence[int]) -> list[RawSample]:
             plans = plan_prompts(
-                request.question, request.opinions, request.seed, indices, extra_special_tokens=self._special_tokens
+                request.question, request.opinions, request.seed, indices, extra_special_tokens=self._special_tokens,
+                revision=request.revision,
             )
             prompts = [self.render_chat(plan.messages) for plan in plans]
             # The first index identifies the round, so every round draws fresh samples.

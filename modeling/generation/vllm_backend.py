@@ -105,7 +105,8 @@ class VLLMGenerator:
 
         def sampler(indices: Sequence[int]) -> list[RawSample]:
             plans = plan_prompts(
-                request.question, request.opinions, request.seed, indices, extra_special_tokens=self._special_tokens
+                request.question, request.opinions, request.seed, indices, extra_special_tokens=self._special_tokens,
+                revision=request.revision,
             )
             prompts = [self.render_chat(plan.messages) for plan in plans]
             seeds = [derive_seed("vllm", request.seed, plan.sample_index) % (2**31) for plan in plans]

@@ -37,7 +37,7 @@ from modeling.generation.models import (
     resolve_device,
     resolve_model,
 )
-from modeling.generation.prompts import ChatMessage, build_messages, derive_seed, opinion_order, render_chat
+from modeling.generation.prompts import ChatMessage, RevisionContext, build_messages, derive_seed, opinion_order, render_chat
 from modeling.generation.transformers_backend import _usable_cpu_count
 
 logger = logging.getLogger(__name__)
@@ -60,6 +60,9 @@ class ConsensusGroup:
     question: str
     opinions: tuple[str, ...]
     statement: str
+    # A revision example (the seed's optional "revision"): one critique per member, and the revised statement.
+    critiques: tuple[str, ...] = ()
+    revised_statement: str = ""
 
 
 @dataclass(frozen=True)
@@ -71,10 +74,15 @@ class SFTExample:
     opinions: tuple[str, ...]
     order: tuple[int, ...]
     statement: str
+    # A revision example: the statement critiqued and one critique per opinion; `statement` is then the revision.
+    previous_statement: str = ""
+    critiques: tuple[str, ...] = ()
 
     def prompt_messages(self, extra_special_tokens: Sequence[str] = ()) -> list[ChatMessage]:
-        """The system and user turns, exactly as the generator builds them for this order."""
-        return build_messages(self.question, self.opinions, self.order, extra_special_tokens=extra_special_tokens)
+        """The system and user turns, exactly as the generator builds them for this order (and, for a revision
+        example, exactly as a critique round's mediation does)."""
+        revision = RevisionContext(self.previous_statement, self.critiques) if self.critiques else None
+        return build_messages(self.question, self.opinions, self.order, extra_special_tokens=extra_special_tokens, revision=revision)
 
     def messages(self, extra_special_tokens: Sequence[str] = ()) -> list[ChatMessage]:
         return [*self.prompt_messages(extra_special_tokens), {"role": "assistant", "content": self.statement}]
@@ -91,7 +99,19 @@ def group_from_mapping(raw: Any, where: str) -> ConsensusGroup:
     if not isinstance(statement, str) or not statement.strip():
         raise SFTDataError(f"{where}: 'statement' must be a non-empty string")
     group_id = str(raw.get("group_id") or where)
-    return ConsensusGroup(group_id, question, tuple(opinions), statement.strip())
+    critiques: tuple[str, ...] = ()
+    revised = ""
+    revision = raw.get("revision")
+    if revision is not None:
+        if not isinstance(revision, Mapping):
+            raise SFTDataError(f"{where}: 'revision' must be an object with critiques and revised_statement")
+        listed, rewritten = revision.get("critiques"), revision.get("revised_statement")
+        if not isinstance(listed, list) or len(listed) != len(opinions) or not all(isinstance(c, str) and c.strip() for c in listed):
+            raise SFTDataError(f"{where}: 'revision.critiques' must hold one non-empty critique per opinion")
+        if not isinstance(rewritten, str) or not rewritten.strip():
+            raise SFTDataError(f"{where}: 'revision.revised_statement' must be a non-empty string")
+        critiques, revised = tuple(listed), rewritten.strip()
+    return ConsensusGroup(group_id, question, tuple(opinions), statement.strip(), critiques, revised)
 
 
 def load_groups(paths: Iterable[str | Path]) -> list[ConsensusGroup]:
@@ -111,11 +131,23 @@ def load_groups(paths: Iterable[str | Path]) -> list[ConsensusGroup]:
     return groups
 
 
+def _revision_of(group: Any) -> tuple[tuple[str, ...], str]:
+    """(critiques, revised statement) of a group from either loader (empty when it has no revision example)."""
+    if getattr(group, "critiques", ()):
+        return tuple(group.critiques), group.revised_statement
+    revision = getattr(group, "revision", None)  # consensus_data.ConsensusGroup
+    if revision is not None:
+        return tuple(revision.critiques), revision.revised_statement
+    return (), ""
+
+
 def build_sft_examples(
-    groups: Sequence[Any], *, seed: int, shuffles_per_group: int = 1
+    groups: Sequence[Any], *, seed: int, shuffles_per_group: int = 1, revisions: bool = False
 ) -> list[SFTExample]:
     """`shuffles_per_group` examples per group, each in the opinion order the generator would use
-    for sample index 0, 1, ... of a request seeded with derive_seed(seed, group)."""
+    for sample index 0, 1, ... of a request seeded with derive_seed(seed, group). With `revisions`, a group
+    with a revision example adds as many more: the revision prompt (the statement as the previous one, the
+    critiques) in the same orders, with the revised statement as the target."""
     if shuffles_per_group < 1:
         raise ValueError("shuffles_per_group must be at least 1")
     examples = []
@@ -126,6 +158,12 @@ def build_sft_examples(
         for sample_index in range(shuffles_per_group):
             order = tuple(opinion_order(group_seed, sample_index, len(group.opinions)))
             examples.append(SFTExample(group.group_id, group.question, group.opinions, order, group.statement))
+        critiques, revised = _revision_of(group) if revisions else ((), "")
+        for sample_index in range(shuffles_per_group if critiques else 0):
+            order = tuple(opinion_order(derive_seed("sft-revision", group_seed), sample_index, len(group.opinions)))
+            examples.append(
+                SFTExample(group.group_id, group.question, tuple(group.opinions), order, revised, group.statement, critiques)
+            )
     return examples
 
 
@@ -133,7 +171,11 @@ def dataset_sha256(examples: Sequence[SFTExample]) -> str:
     """sha256 of the examples (canonical JSON, in order): names exactly what was trained on."""
     digest = hashlib.sha256()
     for example in examples:
-        digest.update(json.dumps(asdict(example), sort_keys=True, ensure_ascii=False).encode())
+        fields = asdict(example)
+        if not example.critiques:
+            # A first-round example hashes as it did before revision examples existed.
+            del fields["previous_statement"], fields["critiques"]
+        digest.update(json.dumps(fields, sort_keys=True, ensure_ascii=False).encode())
         digest.update(b"\n")
     return digest.hexdigest()
 

@@ -24,6 +24,8 @@ pytestmark = pytest.mark.django_db
 TABLE_NAMES = {
     "experiment", "questions", "arms", "groups", "participants", "opinions", "candidates", "predicted_agreement", "presentations",
     "agreement_ratings", "quality_ratings", "opinion_ratings", "rankings", "pairwise_preferences", "attention_checks", "timings",
+    # The Habermas Machine protocol (tests/research/test_export_protocol.py checks their rows).
+    "protocol_rounds", "critiques", "positions", "final_preferences", "human_statements",
 }
 
 

@@ -68,3 +68,34 @@ def test_a_pilot_cohort_runs_through_the_real_site() -> None:
         "bot-5-0-0", "bot-5-0-1", "bot-5-0-2"
     }
     assert summary["seconds_per_round"] > 0
+
+
+@pytest.mark.real_model  # the bots' opinions are written by the real generator, in this process
+@pytest.mark.django_db(transaction=True)
+def test_a_pilot_cohort_plays_the_two_round_protocol_with_positions_and_a_human_mediator_arm() -> None:
+    """simulate_cohort through the real site: a model arm (the stand-in generator mediates, so the server loads no
+    generator) and a human mediator arm, each group playing an opinion round and a critique round, with positions."""
+    from deliberation.models import Candidate, FinalPreference, Position
+    from tests.factories import ArmFactory
+
+    experiment = ExperimentFactory(slug="protocol-pilot", group_size=3, critique_rounds=1, ask_positions=True)
+    experiment.arms.all().delete()
+    ArmFactory(experiment=experiment, name="model", generator_backend="stand-in")
+    ArmFactory(experiment=experiment, name="human", human_mediator=True)
+    out = StringIO()
+    call_command(
+        "simulate_cohort", "--experiment", "protocol-pilot", "--groups", "2", "--group-size", "3", "--seed", "7", "--timeout", "300",
+        stdout=out,
+    )
+    summary = json.loads(out.getvalue())
+    assert summary["failures"] == [] and summary["groups_completed"] == 2
+    counts = summary["counts"]
+    assert counts["critique_rounds"] == 2
+    # Model group: 3 critiques; human group: 2 (its mediator writes the statement instead).
+    assert counts["critiques"] == 5 and counts["human_statements"] == 2
+    assert counts["positions"] == 2 * 5 and counts["final_preferences"] == 5
+    human = Candidate.objects.filter(round__room__experiment=experiment, author__isnull=False)
+    assert {c.round.index for c in human} == {0, 1} and all(c.text.startswith("We have heard") for c in human)
+    assert Position.objects.filter(participant__room__experiment=experiment, stage="after").count() == 5
+    assert FinalPreference.objects.filter(participant__room__experiment=experiment).count() == 5
+    assert Participant.objects.filter(room__experiment=experiment, finished_at__isnull=False).count() == 5

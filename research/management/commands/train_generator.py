@@ -46,6 +46,10 @@ class Command(BaseCommand):
         # The seed set's longest example is 526 tokens with SmolLM2's template: none is dropped at 640.
         parser.add_argument("--max-seq-len", type=int, default=640)
         parser.add_argument("--shuffles", type=int, default=2, help="Opinion orders sampled per training group.")
+        parser.add_argument(
+            "--revisions", action="store_true",
+            help="Also train on the groups' revision examples (critique-and-revision prompts; docs/habermas-protocol.md).",
+        )
         parser.add_argument("--lora-r", type=int, default=8)
         parser.add_argument("--seed", type=int, default=0)
         parser.add_argument("--name", default="", help="Version name (a slug; default: derived from the data and time).")
@@ -86,7 +90,7 @@ class Command(BaseCommand):
         if out.exists() and any(out.iterdir()):
             raise CommandError(f"{out} is not empty; choose another --out.")
 
-        examples = build_sft_examples(groups, seed=options["seed"], shuffles_per_group=options["shuffles"])
+        examples = build_sft_examples(groups, seed=options["seed"], shuffles_per_group=options["shuffles"], revisions=options["revisions"])
         eval_examples = build_sft_examples(eval_groups, seed=options["seed"] + 1, shuffles_per_group=1) if eval_groups else []
         started = time.perf_counter()
 
@@ -129,7 +133,7 @@ class Command(BaseCommand):
                 path=str(Path(result.out_dir).resolve()),
                 sha256=result.adapter_sha256,
                 dataset_sha256=result.dataset_sha256,
-                params={**result.hyperparameters, "data": str(data), "eval": str(eval_path or ""), "shuffles": options["shuffles"]},
+                params={**result.hyperparameters, "data": str(data), "eval": str(eval_path or ""), "shuffles": options["shuffles"], "revisions": options["revisions"]},
                 metrics={
                     "loss_before": result.loss_before,
                     "loss_after": result.loss_after,

@@ -23,8 +23,10 @@ from deliberation import services
 from deliberation.models import (
     Candidate,
     Experiment,
+    FinalPreference,
     Opinion,
     Participant,
+    Position,
     PredictedAgreement,
     Presentation,
     Ranking,
@@ -32,7 +34,7 @@ from deliberation.models import (
     Room,
     Round,
 )
-from simulation import bots
+from simulation import bots, protocol_bots
 from simulation.localsite import local_site
 
 
@@ -91,6 +93,8 @@ class Command(BaseCommand):
             )
             self.stderr.write(f"Group {group_index + 1}/{groups}: room {room.pk}, arm {room.arm.name}, opinions written.")
 
+        # The Habermas Machine protocol's screens (positions, critiques, a human mediator, closing) need its bots.
+        self.protocol = found.critique_rounds > 0 or found.ask_positions or found.arms.filter(human_mediator=True).exists()
         started = time.monotonic()
         with contextlib.ExitStack() as stack:
             if not url:
@@ -104,7 +108,8 @@ class Command(BaseCommand):
             raise CommandError(f"{len(failures)} group(s) failed: {failures[0]}")
 
     async def _run_all(self, url: str, plans: list[bots.GroupPlan], timeout: float) -> list[object]:
-        return list(await asyncio.gather(*(bots.run_group(base_url=url, plan=plan, timeout=timeout) for plan in plans), return_exceptions=True))
+        run_group = protocol_bots.run_protocol_group if self.protocol else bots.run_group
+        return list(await asyncio.gather(*(run_group(base_url=url, plan=plan, timeout=timeout) for plan in plans), return_exceptions=True))
 
     def _summary(self, rooms: list[Room], seconds: float, failures: list[BaseException]) -> dict[str, object]:
         room_ids = [room.pk for room in rooms]
@@ -125,7 +130,13 @@ class Command(BaseCommand):
                 arm["worst_off"].append(min(scores))
         return {
             "groups": len(rooms),
-            "groups_completed": sum(1 for r in rounds if r.phase == Round.Phase.DONE and r.outcome == Round.Outcome.COMPLETED),
+            # A group is complete when its last round is (a protocol group plays several rounds).
+            "groups_completed": sum(
+                1
+                for r in rounds
+                if r.phase == Round.Phase.DONE and r.outcome == Round.Outcome.COMPLETED
+                and r.index == max(o.index for o in rounds if o.room_id == r.room_id)
+            ),
             "failures": [str(f) for f in failures],
             "counts": {
                 "participants": Participant.objects.filter(room_id__in=room_ids).count(),
@@ -135,6 +146,12 @@ class Command(BaseCommand):
                 "presentations": Presentation.objects.filter(candidate__round__room_id__in=room_ids).count(),
                 "ratings": Rating.objects.filter(candidate__round__room_id__in=room_ids).count(),
                 "rankings": Ranking.objects.filter(round__room_id__in=room_ids).count(),
+                # The Habermas Machine protocol (zero when the experiment does not use it).
+                "critique_rounds": Round.objects.filter(room_id__in=room_ids, kind=Round.Kind.CRITIQUE).count(),
+                "critiques": Opinion.objects.filter(round__room_id__in=room_ids, round__kind=Round.Kind.CRITIQUE).count(),
+                "positions": Position.objects.filter(participant__room_id__in=room_ids).count(),
+                "final_preferences": FinalPreference.objects.filter(participant__room_id__in=room_ids).count(),
+                "human_statements": Candidate.objects.filter(round__room_id__in=room_ids, author__isnull=False).count(),
             },
             # Agreement of each group with its winning (rank 1) statement, averaged over the arm's groups.
             "agreement_by_arm": {
