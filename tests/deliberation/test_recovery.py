@@ -153,7 +153,7 @@ def test_the_rate_limiter_lets_requests_through_when_its_cache_is_down(monkeypat
         def add(self, *args: object, **kwargs: object) -> None:
             raise ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
 
-    monkeypatch.setattr(ratelimit, "cache", CacheDown())
+    monkeypatch.setattr(ratelimit, "caches", {ratelimit.CACHE_ALIAS: CacheDown()})
     with caplog.at_level(logging.WARNING, logger="deliberation.ratelimit"):
         assert ratelimit.hit(scope="submit", key="someone", limit=1)
     assert "not checked" in caplog.text

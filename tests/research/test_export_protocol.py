@@ -24,7 +24,7 @@ def test_the_protocol_tables_carry_their_provenance(tmp_path: Path) -> None:
         round=study.critique, index=9, text="We, the mediator, wrote this.", backend="human", model_id="human", seed=0, prompt="",
         author=author, shown=False, latency_ms=1234.0,
     )
-    call_command("export_dataset", "--experiment", study.experiment.slug, "--format", "csv", "--out", str(tmp_path), stdout=StringIO())
+    call_command("export_dataset", "--experiment", study.experiment.slug, "--format", "csv", "--out", str(tmp_path), "--as-user", study.experiment.owner.username, stdout=StringIO())
     export = DatasetExport.objects.order_by("-id").first()
     assert export is not None
     tables, _, readme = read_export_zip(Path(export.path), "csv")
