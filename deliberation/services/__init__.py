@@ -14,7 +14,15 @@ This package re-exports the public functions, so callers write `services.opinion
 """
 
 from .errors import InvalidInput, JoinRefused, ServiceError, WrongPhase
-from .joining import ArmDraw, page_view_record, participant_join, presence_connect, presence_disconnect, room_create
+from .joining import (
+    ArmDraw,
+    page_view_record,
+    participant_join,
+    participant_persona_record,
+    presence_connect,
+    presence_disconnect,
+    room_create,
+)
 from .mediation import (
     MediationInput,
     SourcedResult,
@@ -60,6 +68,7 @@ __all__ = [
     "page_view_record",
     "pairwise_preference_submit",
     "participant_join",
+    "participant_persona_record",
     "presence_connect",
     "presence_disconnect",
     "ranking_submit",

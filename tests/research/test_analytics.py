@@ -25,8 +25,7 @@ pytestmark = pytest.mark.django_db
 
 
 def _row(participant: int, candidate: int, agreement: int, *, rank: int | None = 1, room: int = 1) -> StatementRating:
-    return StatementRating(room_id=room, candidate_id=candidate, source_arm_id=1, room_arm_id=1, participant_id=participant,
-                           agreement=agreement, quality=4, welfare_rank=rank, predicted=None)
+    return StatementRating(room_id=room, candidate_id=candidate, participant_id=participant, agreement=agreement, welfare_rank=rank)
 
 
 # --- The figures on small, known rows -------------------------------------------------------------------
@@ -115,19 +114,19 @@ def test_the_analytics_page_shows_every_figure_per_arm_as_computed_by_hand(clien
 def test_every_estimate_has_its_bootstrap_interval_and_the_csv_matches_the_page(client, study, researcher) -> None:
     report = analytics.experiment_report(study.experiment)
     for arm in report.arms:
-        for key, _ in analytics.ExperimentReport.METRICS:
-            estimate: Estimate = getattr(arm, key)
+        for key in analytics.METRIC_BY_KEY:
+            estimate: Estimate = arm.estimates[key]
             if estimate.value is not None:
                 assert estimate.low is not None and estimate.low - 1e-9 <= estimate.value <= estimate.high + 1e-9, (arm.name, key)
     client.force_login(researcher)
     response = client.get("/researcher/experiments/analysed/analytics.csv")
     assert response["Content-Type"].startswith("text/csv") and "attachment" in response["Content-Disposition"]
     rows = list(csv.DictReader(io.StringIO(response.content.decode())))
-    by_key = {(row["arm"], row["metric"]): row for row in rows}
+    by_key = {(row["arm"], row["metric"]): row for row in rows if row["kind"] == "arm"}
     base = next(a for a in report.arms if a.name == "base")
-    assert float(by_key[("base", "mean_agreement")]["value"]) == pytest.approx(base.mean_agreement.value, rel=1e-5)
-    assert float(by_key[("base", "head_to_head_win_rate")]["ci_low"]) == pytest.approx(base.head_to_head_win_rate.low, rel=1e-5)
-    assert {row["metric"] for row in rows} >= {key for key, _ in analytics.ExperimentReport.METRICS} | {"reward_model_spearman", "reward_model_pairwise_accuracy"}
+    assert float(by_key[("base", "mean_agreement")]["value"]) == pytest.approx(base.estimates["mean_agreement"].value, rel=1e-5)
+    assert float(by_key[("base", "head_to_head_win_rate")]["ci_low"]) == pytest.approx(base.estimates["head_to_head_win_rate"].low, rel=1e-5)
+    assert {row["metric"] for row in rows} >= set(analytics.METRIC_BY_KEY) | {"reward_model_spearman", "reward_model_pairwise_accuracy"}
     # Seeded: the same data gives the same intervals.
     assert client.get("/researcher/experiments/analysed/analytics.csv").content == response.content
 
