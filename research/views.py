@@ -19,7 +19,7 @@ from accounts import permissions
 from deliberation.http import HtmxHttpRequest
 from deliberation.models import Experiment
 
-from . import analytics, selectors, services
+from . import analytics, plots, selectors, services
 from .exports import export_for
 from .models import DatasetExport
 
@@ -77,15 +77,24 @@ def experiment_pause(request: HtmxHttpRequest, slug: str) -> HttpResponse:
     return redirect("cohort_monitor", slug=experiment.slug)
 
 
+def _analytics_report(request: HtmxHttpRequest, experiment: Experiment) -> analytics.ExperimentReport:
+    # Exclusion rules come as ?exclude=dropouts&exclude=failed_attention...; unknown names are ignored.
+    return analytics.experiment_report(experiment, selectors.parse_exclusion_rules(request.GET.getlist("exclude")))
+
+
 @login_required
 @require_GET
 def analytics_page(request: HtmxHttpRequest, slug: str) -> HttpResponse:
     experiment = _own_experiment(request, slug)
-    report = analytics.experiment_report(experiment)
+    report = _analytics_report(request, experiment)
     return render(
         request,
         "research/analytics.html",
-        {"experiment": experiment, "report": report, "rows": analytics.table_rows(report), "charts": analytics.charts(report)},
+        {
+            "experiment": experiment, "report": report, "rows": analytics.table_rows(report), "charts": analytics.charts(report),
+            "rules": [(rule, label, rule in report.analysis.rules) for rule, label in selectors.EXCLUSION_RULES.items()],
+            "query": request.GET.urlencode(), "plots": plots.PLOTS,
+        },
     )
 
 
@@ -93,8 +102,23 @@ def analytics_page(request: HtmxHttpRequest, slug: str) -> HttpResponse:
 @require_GET
 def analytics_csv(request: HtmxHttpRequest, slug: str) -> HttpResponse:
     experiment = _own_experiment(request, slug)
-    response = HttpResponse(analytics.report_csv(analytics.experiment_report(experiment)), content_type="text/csv; charset=utf-8")
+    response = HttpResponse(analytics.report_csv(_analytics_report(request, experiment)), content_type="text/csv; charset=utf-8")
     response["Content-Disposition"] = f'attachment; filename="{experiment.slug}-analytics.csv"'
+    return response
+
+
+@login_required
+@require_GET
+def analytics_plot(request: HtmxHttpRequest, slug: str, plot: str, fmt: str) -> HttpResponse:
+    experiment = _own_experiment(request, slug)
+    if plot not in plots.PLOTS or fmt not in plots.FORMATS:
+        raise Http404("No such plot.")
+    report = _analytics_report(request, experiment)
+    exclusions = report.analysis.rules_text
+    title = f"{experiment.name}: " + ("differences between arms" if plot == "forest" else "agreement ratings per arm") + f" (exclusions: {exclusions})"
+    response = HttpResponse(plots.render(report.analysis, plot=plot, fmt=fmt, title=title), content_type=plots.FORMATS[fmt])
+    if request.GET.get("download"):
+        response["Content-Disposition"] = f'attachment; filename="{experiment.slug}-{plot}.{fmt}"'
     return response
 
 
