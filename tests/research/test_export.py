@@ -24,6 +24,7 @@ pytestmark = pytest.mark.django_db
 TABLE_NAMES = {
     "questions", "arms", "groups", "participants", "opinions", "candidates", "predicted_agreement", "presentations",
     "agreement_ratings", "quality_ratings", "opinion_ratings", "rankings", "pairwise_preferences", "attention_checks", "timings",
+    "exclusions",
 }
 
 
