@@ -53,7 +53,7 @@ from deliberation.models import (
     Rating,
     Round,
 )
-from modeling.reward.metrics import mae, mean_within_participant_spearman, pairwise_accuracy
+from modeling.reward.metrics import mae, pairwise_accuracy
 from modeling.reward.registry import reward_model_is_informative
 
 from . import selectors
@@ -134,20 +134,24 @@ def bootstrap_ci(
 
 
 def resample_weights(strata: Sequence[int], *, rng: np.random.Generator, resamples: int) -> Iterable[np.ndarray]:
-    """Stratified cluster-bootstrap weights, a block of rows at a time.
+    """Stratified cluster-bootstrap weights, a block of (up to) 250 resamples at a time.
 
-    `strata` gives each cluster's stratum, clusters of one stratum contiguous. For every resample, for
-    every stratum in order, the stratum's n clusters are drawn n times with replacement
-    (`rng.integers(0, n, n)`); a cluster's weight is how often it was drawn. This order of draws is the
-    whole algorithm: an independent implementation with the same seed gets the same intervals."""
+    `strata` gives each cluster's stratum, clusters of one stratum contiguous. For each block, for each
+    stratum in order, one `rng.integers(0, n, size=(block, n))` call draws the stratum's n clusters n
+    times with replacement for every resample of the block; a cluster's weight is how often it was
+    drawn. This order of draws is the whole algorithm: an independent implementation with the same
+    seed gets the same intervals (tests/simulation/test_pilot.py has one)."""
     labels = np.asarray(strata)
-    bounds = [(start, stop) for start, stop in _runs(labels)]
+    bounds = _runs(labels)
     for first in range(0, resamples, _CHUNK):
-        block = np.zeros((min(_CHUNK, resamples - first), len(labels)))
-        for row in range(block.shape[0]):
-            for start, stop in bounds:
-                size = stop - start
-                block[row, start:stop] = np.bincount(rng.integers(0, size, size), minlength=size)
+        rows = min(_CHUNK, resamples - first)
+        block = np.zeros((rows, len(labels)))
+        for start, stop in bounds:
+            size = stop - start
+            draws = rng.integers(0, size, size=(rows, size))
+            # Count each row's draws at once: offset row r's indices by r * size.
+            counts = np.bincount((draws + np.arange(rows)[:, None] * size).ravel(), minlength=rows * size)
+            block[:, start:stop] = counts.reshape(rows, size)
         yield block
 
 
@@ -336,12 +340,13 @@ def _contest_units(units: Units, experiment: Experiment, excluded: QuerySet | No
         endorsements[room_id].append(OpinionEndorsement(room_id, opinion_id, author_id, rater_id, agreement))
     chosen: dict[int, list[StatementRating]] = defaultdict(list)
     arms: dict[int, int] = {}
-    top_ratings = _kept(
-        Rating.objects.filter(candidate__round__room__experiment=experiment, candidate__rank=1, candidate__shown=True), excluded
-    ).filter(candidate__round__room__arm_id=F("candidate__source_arm_id"))
-    for room_id, arm_id, candidate_id, participant_id, agreement in top_ratings.values_list(
-        "candidate__round__room_id", "candidate__round__room__arm_id", "candidate_id", "participant_id", "agreement"
+    top_ratings = _kept(Rating.objects.filter(candidate__round__room__experiment=experiment, candidate__rank=1, candidate__shown=True), excluded)
+    for room_id, arm_id, source_arm_id, candidate_id, participant_id, agreement in top_ratings.values_list(
+        "candidate__round__room_id", "candidate__round__room__arm_id", "candidate__source_arm_id", "candidate_id", "participant_id", "agreement"
     ).iterator(chunk_size=10000):
+        # The group's own arm's chosen statement (compared in the database, SQLite picks a slow plan).
+        if source_arm_id not in (None, arm_id):
+            continue
         chosen[room_id].append(StatementRating(room_id, candidate_id, participant_id, agreement, 1))
         arms[room_id] = arm_id
     rows = [
@@ -424,6 +429,27 @@ class RewardAccuracy:
     pairs: int
 
 
+def within_participant_spearman(participants: Sequence[int], predictions: Sequence[float], targets: Sequence[float]) -> float | None:
+    """modeling.reward.metrics.mean_within_participant_spearman, vectorised for a whole study (the same
+    definition: Spearman's rho is Pearson's r of average ranks; participants with fewer than two distinct
+    ratings are skipped; a participant whose predictions are all equal counts 0)."""
+    frame = pd.DataFrame({"p": participants, "x": predictions, "y": targets})
+    if frame.empty:
+        return None
+    grouped = frame.groupby("p")
+    distinct_y, distinct_x = grouped["y"].transform("nunique"), grouped["x"].transform("nunique")
+    frame = frame[distinct_y >= 2].assign(flat=distinct_x[distinct_y >= 2] < 2)
+    if frame.empty:
+        return None
+    frame = frame.assign(rx=frame.groupby("p")["x"].rank(method="average"), ry=frame.groupby("p")["y"].rank(method="average"))
+    frame = frame.assign(rxy=frame["rx"] * frame["ry"], rxx=frame["rx"] ** 2, ryy=frame["ry"] ** 2)
+    sums = frame.groupby("p").agg(n=("rx", "size"), sx=("rx", "sum"), sy=("ry", "sum"), sxy=("rxy", "sum"), sxx=("rxx", "sum"), syy=("ryy", "sum"), flat=("flat", "first"))
+    covariance = sums["sxy"] - sums["sx"] * sums["sy"] / sums["n"]
+    spread = np.sqrt((sums["sxx"] - sums["sx"] ** 2 / sums["n"]) * (sums["syy"] - sums["sy"] ** 2 / sums["n"]))
+    rho = np.where(sums["flat"], 0.0, covariance / spread.where(spread > 0, 1))
+    return float(math.fsum(rho) / len(rho))
+
+
 def reward_accuracy(experiment: Experiment, excluded: QuerySet | None) -> dict[int, RewardAccuracy]:
     """Predicted against rated agreement, per arm, over (member, shown statement) pairs that have both, and
     only where the prediction came from an informative reward model (the `none` baseline predicts a
@@ -451,7 +477,7 @@ def reward_accuracy(experiment: Experiment, excluded: QuerySet | None) -> dict[i
     for arm_id, (participants, scores, targets) in per_arm.items():
         accuracy, pairs = pairwise_accuracy(participants, scores, targets)
         out[arm_id] = RewardAccuracy(
-            mae=mae(scores, targets), spearman=mean_within_participant_spearman(participants, scores, targets),
+            mae=mae(scores, targets), spearman=within_participant_spearman(participants, scores, targets),
             pairwise_accuracy=accuracy, rows=len(targets), pairs=pairs,
         )
     return out
@@ -556,37 +582,54 @@ def bootstrap_arm_figures(units: pd.DataFrame, *, seed: Sequence[int], resamples
     return columns, point, replicates
 
 
-def permutation_pvalue(units: pd.DataFrame, metric: str, arm_a: int, arm_b: int, *, seed: Sequence[int], permutations: int = PERMUTATIONS) -> float | None:
-    """Two-sided randomisation test of (a - b) on one figure: groups that contain only one of the two arms
-    have their arm labels permuted among them; in groups that contain both (head-to-head) the two arms'
-    labels are swapped with probability 1/2. p = (1 + #{|permuted| >= |observed|}) / (1 + permutations)."""
-    rows = units[(units["metric"] == metric) & units["arm_id"].isin([arm_a, arm_b])]
-    per = rows.groupby(["room_id", "arm_id"])[["num", "den"]].sum().unstack("arm_id", fill_value=0.0)
-    if per.empty or arm_a not in per["num"].columns or arm_b not in per["num"].columns:
-        return None
-    num_a, num_b = per["num"][arm_a].to_numpy(), per["num"][arm_b].to_numpy()
-    den_a, den_b = per["den"][arm_a].to_numpy(), per["den"][arm_b].to_numpy()
-    observed = float(_ratio(num_a.sum(), den_a.sum()) - _ratio(num_b.sum(), den_b.sum()))
-    if not math.isfinite(observed):
-        return None
-    paired = (den_a > 0) & (den_b > 0)
-    single_num = np.where(den_a > 0, num_a, num_b)[~paired]
-    single_den = np.where(den_a > 0, den_a, den_b)[~paired]
-    single_is_a = (den_a > 0)[~paired].astype(float)
-    pa_num, pb_num, pa_den, pb_den = num_a[paired], num_b[paired], den_a[paired], den_b[paired]
+def permutation_pvalues(
+    units: pd.DataFrame, metrics: Sequence[str], arm_a: int, arm_b: int, *, seed: Sequence[int], permutations: int = PERMUTATIONS
+) -> dict[str, float]:
+    """Two-sided randomisation tests of (a - b), one per figure, under the sharp null that the arm makes no
+    difference. Groups that contain only one of the two arms have their arm labels permuted among them (as
+    the assignment could have fallen); in groups that contain both (head-to-head) the two arms' labels are
+    swapped with probability 1/2. Every figure uses the same permutations.
+    p = (1 + #{|permuted difference| >= |observed|}) / (1 + permutations)."""
+    rows = units[units["metric"].isin(list(metrics)) & units["arm_id"].isin([arm_a, arm_b])]
+    if rows.empty:
+        return {}
+    rooms = sorted(rows["room_id"].unique())
+    room_index = {room_id: i for i, room_id in enumerate(rooms)}
+    metric_index = {metric: j for j, metric in enumerate(metrics)}
+    shape = (len(rooms), len(metrics))
+    a_num, a_den, b_num, b_den = (np.zeros(shape) for _ in range(4))
+    for room_id, arm_id, metric, num, den in rows[["room_id", "arm_id", "metric", "num", "den"]].itertuples(index=False):
+        i, j = room_index[room_id], metric_index[metric]
+        if arm_id == arm_a:
+            a_num[i, j] += num
+            a_den[i, j] += den
+        else:
+            b_num[i, j] += num
+            b_den[i, j] += den
+    observed = _ratio(a_num.sum(0), a_den.sum(0)) - _ratio(b_num.sum(0), b_den.sum(0))
+    has_a, has_b = a_den.sum(1) > 0, b_den.sum(1) > 0
+    paired = has_a & has_b
+    single = ~paired
+    # A group with one of the arms: its values go to whichever arm the permuted label names.
+    s_num, s_den, s_is_a = (a_num + b_num)[single], (a_den + b_den)[single], has_a[single].astype(float)
+    pa_num, pa_den, pb_num, pb_den = a_num[paired], a_den[paired], b_num[paired], b_den[paired]
+    totals = [m.sum(0) for m in (s_num, s_den, pa_num, pa_den, pb_num, pb_den)]
     rng = np.random.default_rng(list(seed))
-    extreme = 0
+    extreme = np.zeros(len(metrics))
     for first in range(0, permutations, _CHUNK):
         size = min(_CHUNK, permutations - first)
-        labels = rng.permuted(np.tile(single_is_a, (size, 1)), axis=1)
-        flips = rng.integers(0, 2, size=(size, len(pa_num))).astype(float)
-        a_num = labels @ single_num + (1 - flips) @ pa_num + flips @ pb_num
-        a_den = labels @ single_den + (1 - flips) @ pa_den + flips @ pb_den
-        b_num = (1 - labels) @ single_num + flips @ pa_num + (1 - flips) @ pb_num
-        b_den = (1 - labels) @ single_den + flips @ pa_den + (1 - flips) @ pb_den
-        statistic = _ratio(a_num, a_den) - _ratio(b_num, b_den)
-        extreme += int(np.sum(np.abs(np.nan_to_num(statistic, nan=0.0)) >= abs(observed) - 1e-12))
-    return (1 + extreme) / (1 + permutations)
+        labels = rng.permuted(np.tile(s_is_a, (size, 1)), axis=1)
+        flips = rng.integers(0, 2, size=(size, int(paired.sum()))).astype(float)
+        ls_num, ls_den = labels @ s_num, labels @ s_den
+        fa_num, fa_den, fb_num, fb_den = flips @ pa_num, flips @ pa_den, flips @ pb_num, flips @ pb_den
+        # Flipped groups give arm a what arm b's statements got, and the other way round.
+        perm_a_num = ls_num + totals[2] - fa_num + fb_num
+        perm_a_den = ls_den + totals[3] - fa_den + fb_den
+        perm_b_num = totals[0] - ls_num + fa_num + totals[4] - fb_num
+        perm_b_den = totals[1] - ls_den + fa_den + totals[5] - fb_den
+        statistic = _ratio(perm_a_num, perm_a_den) - _ratio(perm_b_num, perm_b_den)
+        extreme += np.sum(np.abs(np.nan_to_num(statistic, nan=0.0)) >= np.abs(observed) - 1e-12, axis=0)
+    return {metric: float((1 + extreme[j]) / (1 + permutations)) for metric, j in metric_index.items() if math.isfinite(observed[j])}
 
 
 def analyse(experiment: Experiment, rules: tuple[str, ...] = ()) -> Analysis:
@@ -631,7 +674,9 @@ def analyse(experiment: Experiment, rules: tuple[str, ...] = ()) -> Analysis:
             )
         )
     comparisons = []
+    compared = [m.key for m in METRICS if m.compared]
     for first, second in combinations(arms, 2):
+        pvalues = permutation_pvalues(frame, compared, first.pk, second.pk, seed=[seed, 2, first.pk, second.pk]) if not frame.empty else {}
         for metric in (m for m in METRICS if m.compared):
             ja, jb = col.get((metric.key, first.pk)), col.get((metric.key, second.pk))
             if ja is None or jb is None or not (math.isfinite(point[ja]) and math.isfinite(point[jb])):
@@ -643,7 +688,7 @@ def analyse(experiment: Experiment, rules: tuple[str, ...] = ()) -> Analysis:
                 Comparison(
                     metric=metric.key, arm_a=first.name, arm_b=second.name, arm_a_id=first.pk, arm_b_id=second.pk,
                     a=float(point[ja]), b=float(point[jb]), difference=Estimate(float(point[ja] - point[jb]), low, high, n),
-                    p_value=permutation_pvalue(frame, metric.key, first.pk, second.pk, seed=[seed, 2, first.pk, second.pk]),
+                    p_value=pvalues.get(metric.key),
                 )
             )
     tested = [c for c in comparisons if c.p_value is not None]

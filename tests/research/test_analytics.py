@@ -150,3 +150,18 @@ def test_an_experiment_without_ratings_shows_no_figures_yet(client, researcher) 
     client.force_login(researcher)
     html = client.get("/researcher/experiments/empty/analytics/").content.decode()
     assert _page_values(html) == {} and "no data yet" in html
+
+
+def test_the_studywide_spearman_is_the_reward_metrics_definition() -> None:
+    import random as _random
+
+    from modeling.reward.metrics import mean_within_participant_spearman
+
+    rng = _random.Random(4)
+    participants = [p for p in range(60) for _ in range(rng.randint(1, 6))]
+    targets = [float(rng.randint(1, 7)) for _ in participants]
+    predictions = [4.0 if p % 7 == 0 else round(rng.uniform(1, 7), 1) for p in participants]  # some all-equal predictions
+    assert analytics.within_participant_spearman(participants, predictions, targets) == pytest.approx(
+        mean_within_participant_spearman(participants, predictions, targets), abs=1e-12
+    )
+    assert analytics.within_participant_spearman([1, 1], [2.0, 3.0], [5.0, 5.0]) is None

@@ -43,23 +43,26 @@ def _pilot_experiment():
 
 
 def _bootstrap_by_hand(per_room: dict[int, dict[int, tuple[float, float]]], stratum_of: dict[int, int], arm_a: int, arm_b: int, seed: list[int]) -> tuple[float, float]:
-    """The documented stratified cluster bootstrap, written plainly: for each resample, for each stratum (the
-    arm a group was assigned to, in id order), draw the stratum's groups (in id order) with replacement."""
+    """The documented stratified cluster bootstrap, written plainly: in blocks of 250 resamples, for each stratum
+    (the arm a group was assigned to, in id order), one block x n matrix of draws of the stratum's n groups (in
+    id order) with replacement; each row is one resample."""
     rng = np.random.default_rng(seed)
     strata = sorted(set(stratum_of.values()))
     rooms_of = {s: sorted(r for r in per_room if stratum_of[r] == s) for s in strata}
     differences = []
-    for _ in range(analytics.BOOTSTRAP_RESAMPLES):
-        sums = {arm_a: [0.0, 0.0], arm_b: [0.0, 0.0]}
-        for s in strata:
-            rooms = rooms_of[s]
-            for pick in rng.integers(0, len(rooms), len(rooms)):
-                for arm, (total, count) in per_room[rooms[pick]].items():
-                    if arm in sums:
-                        sums[arm][0] += total
-                        sums[arm][1] += count
-        if sums[arm_a][1] and sums[arm_b][1]:
-            differences.append(sums[arm_a][0] / sums[arm_a][1] - sums[arm_b][0] / sums[arm_b][1])
+    for first in range(0, analytics.BOOTSTRAP_RESAMPLES, 250):
+        block = min(250, analytics.BOOTSTRAP_RESAMPLES - first)
+        picks = {s: rng.integers(0, len(rooms_of[s]), size=(block, len(rooms_of[s]))) for s in strata}
+        for row in range(block):
+            sums = {arm_a: [0.0, 0.0], arm_b: [0.0, 0.0]}
+            for s in strata:
+                for pick in picks[s][row]:
+                    for arm, (total, count) in per_room[rooms_of[s][pick]].items():
+                        if arm in sums:
+                            sums[arm][0] += total
+                            sums[arm][1] += count
+            if sums[arm_a][1] and sums[arm_b][1]:
+                differences.append(sums[arm_a][0] / sums[arm_a][1] - sums[arm_b][0] / sums[arm_b][1])
     low, high = np.percentile(differences, [2.5, 97.5])
     return float(low), float(high)
 
