@@ -29,6 +29,7 @@ over groups, not loops over ratings. bench/analytics.py times a study of 100,000
 from __future__ import annotations
 
 import csv
+import gc
 import io
 import math
 from collections import defaultdict
@@ -39,7 +40,8 @@ from typing import TypeVar
 
 import numpy as np
 import pandas as pd
-from django.db.models import Count, F, OuterRef, QuerySet, Subquery, Sum
+from django.db import connections
+from django.db.models import Count, QuerySet, Sum
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString, mark_safe
 
@@ -53,7 +55,6 @@ from deliberation.models import (
     Rating,
     Round,
 )
-from modeling.reward.metrics import mae, pairwise_accuracy
 from modeling.reward.registry import reward_model_is_informative
 
 from . import selectors
@@ -133,7 +134,7 @@ def bootstrap_ci(
     return float(low), float(high)
 
 
-def resample_weights(strata: Sequence[int], *, rng: np.random.Generator, resamples: int) -> Iterable[np.ndarray]:
+def resample_weights(strata: Sequence[int] | np.ndarray, *, rng: np.random.Generator, resamples: int) -> Iterable[np.ndarray]:
     """Stratified cluster-bootstrap weights, a block of (up to) 250 resamples at a time.
 
     `strata` gives each cluster's stratum, clusters of one stratum contiguous. For each block, for each
@@ -254,11 +255,19 @@ def _kept(queryset: QuerySet, excluded: QuerySet | None, field_name: str = "part
     return queryset if excluded is None else queryset.exclude(**{f"{field_name}__in": excluded.values("pk")})
 
 
-def _frame(rows: Iterable[tuple], columns: list[str]) -> pd.DataFrame:
-    return pd.DataFrame.from_records(list(rows), columns=columns)
+def _frame(queryset: QuerySet, columns: list[str]) -> pd.DataFrame:
+    """A values_list query's rows as a DataFrame, fetched in blocks straight from the database cursor (no
+    per-row model conversion: the columns are plain numbers)."""
+    sql, params = queryset.query.sql_with_params()
+    blocks = []
+    with connections[queryset.db].cursor() as cursor:
+        cursor.execute(sql, params)
+        while rows := cursor.fetchmany(20000):
+            blocks.append(pd.DataFrame.from_records(rows, columns=columns))
+    return pd.concat(blocks, ignore_index=True) if blocks else pd.DataFrame(columns=columns)
 
 
-def statement_table(experiment: Experiment, excluded: QuerySet | None) -> pd.DataFrame:
+def statement_table(experiment: Experiment, excluded: QuerySet | None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """One row per rated shown statement: its group, arm, rank and its raters' sums (from a histogram query).
 
     The database returns, per statement and agreement value, how many raters gave it and their quality
@@ -267,17 +276,17 @@ def statement_table(experiment: Experiment, excluded: QuerySet | None) -> pd.Dat
     histogram = _frame(
         _kept(Rating.objects.filter(candidate__round__room__experiment=experiment), excluded)
         .values("candidate_id", "agreement").annotate(raters=Count("id"), quality=Sum("quality")).order_by()
-        .values_list("candidate_id", "agreement", "raters", "quality").iterator(chunk_size=10000),
+        .values_list("candidate_id", "agreement", "raters", "quality"),
         ["candidate_id", "agreement", "raters", "quality"],
     )
     candidates = _frame(
         Candidate.objects.filter(round__room__experiment=experiment, shown=True)
-        .values_list("id", "round__room_id", "source_arm_id", "round__room__arm_id", "rank").iterator(chunk_size=10000),
+        .values_list("id", "round__room_id", "source_arm_id", "round__room__arm_id", "rank"),
         ["candidate_id", "room_id", "arm_id", "stratum", "rank"],
     )
     columns = ["candidate_id", "room_id", "arm_id", "stratum", "chosen", "n", "sum_agreement", "sum_quality", "min_agreement", "divisiveness"]
     if histogram.empty or candidates.empty:
-        return pd.DataFrame(columns=columns)
+        return pd.DataFrame(columns=columns), pd.DataFrame(columns=["arm_id", "chosen", "agreement", "raters"])
     histogram = histogram.sort_values(["candidate_id", "agreement"])
     grouped = histogram.groupby("candidate_id", sort=True)
     count_below = grouped["raters"].cumsum() - histogram["raters"]
@@ -293,7 +302,9 @@ def statement_table(experiment: Experiment, excluded: QuerySet | None) -> pd.Dat
     table = candidates.merge(per.reset_index(), on="candidate_id", how="inner")
     table["arm_id"] = table["arm_id"].fillna(table["stratum"]).astype(int)
     table["chosen"] = table["rank"] == 1
-    return table[columns].astype({"n": float, "sum_agreement": float, "sum_quality": float, "min_agreement": float})
+    # The histogram with each statement's arm, for the distribution plot.
+    counts = histogram[["candidate_id", "agreement", "raters"]].merge(table[["candidate_id", "arm_id", "chosen"]], on="candidate_id")
+    return table[columns].astype({"n": float, "sum_agreement": float, "sum_quality": float, "min_agreement": float}), counts
 
 
 @dataclass
@@ -329,33 +340,37 @@ def _statement_units(units: Units, table: pd.DataFrame) -> None:
 
 
 def _contest_units(units: Units, experiment: Experiment, excluded: QuerySet | None) -> None:
-    """Win rate vs the best human opinion: one unit per group, for the group's own arm."""
-    opinion_rows = _kept(OpinionRating.objects.filter(opinion__round__room__experiment=experiment), excluded)
-    if not opinion_rows.exists():
+    """Win rate vs the best human opinion: one unit per group, for the group's own arm (`best_opinion_outcome`
+    is the definition, per group; this computes it for every group at once)."""
+    endorsements = _frame(
+        _kept(OpinionRating.objects.filter(opinion__round__room__experiment=experiment), excluded).values_list(
+            "opinion__round__room_id", "opinion_id", "participant_id", "agreement"
+        ),
+        ["room_id", "opinion_id", "rater_id", "opinion_agreement"],
+    )
+    if endorsements.empty:
         return
-    endorsements: dict[int, list[OpinionEndorsement]] = defaultdict(list)
-    for room_id, opinion_id, author_id, rater_id, agreement in opinion_rows.values_list(
-        "opinion__round__room_id", "opinion_id", "opinion__participant_id", "participant_id", "agreement"
-    ).order_by("id").iterator(chunk_size=10000):
-        endorsements[room_id].append(OpinionEndorsement(room_id, opinion_id, author_id, rater_id, agreement))
-    chosen: dict[int, list[StatementRating]] = defaultdict(list)
-    arms: dict[int, int] = {}
-    top_ratings = _kept(Rating.objects.filter(candidate__round__room__experiment=experiment, candidate__rank=1, candidate__shown=True), excluded)
-    for room_id, arm_id, source_arm_id, candidate_id, participant_id, agreement in top_ratings.values_list(
-        "candidate__round__room_id", "candidate__round__room__arm_id", "candidate__source_arm_id", "candidate_id", "participant_id", "agreement"
-    ).iterator(chunk_size=10000):
-        # The group's own arm's chosen statement (compared in the database, SQLite picks a slow plan).
-        if source_arm_id not in (None, arm_id):
-            continue
-        chosen[room_id].append(StatementRating(room_id, candidate_id, participant_id, agreement, 1))
-        arms[room_id] = arm_id
-    rows = [
-        (room_id, arms[room_id], arms[room_id], outcome)
-        for room_id in sorted(chosen)
-        if (outcome := best_opinion_outcome(chosen[room_id], endorsements.get(room_id, []))) is not None
-    ]
-    frame = pd.DataFrame(rows, columns=["room_id", "stratum", "arm_id", "outcome"]).assign(one=1.0)
-    units.add("win_rate_vs_best_opinion", frame, "outcome", "one")
+    top = _frame(
+        _kept(Rating.objects.filter(candidate__round__room__experiment=experiment, candidate__rank=1, candidate__shown=True), excluded)
+        .values_list("candidate__round__room_id", "candidate__round__room__arm_id", "candidate__source_arm_id", "participant_id", "agreement"),
+        ["room_id", "stratum", "source_arm_id", "rater_id", "statement_agreement"],
+    )
+    # The group's own arm's chosen statement (compared here: in the database SQLite picks a slow plan).
+    top = top[top["source_arm_id"].isna() | (top["source_arm_id"] == top["stratum"])]
+    if top.empty:
+        return
+    # The best opinion: the highest mean agreement from the other members; ties go to the earliest opinion.
+    means = endorsements.groupby(["room_id", "opinion_id"], as_index=False)["opinion_agreement"].mean()
+    best = means.sort_values(["room_id", "opinion_agreement", "opinion_id"], ascending=[True, False, True]).drop_duplicates("room_id")
+    judged = endorsements.merge(best[["room_id", "opinion_id"]], on=["room_id", "opinion_id"]).merge(
+        top[["room_id", "stratum", "rater_id", "statement_agreement"]], on=["room_id", "rater_id"]
+    )
+    if judged.empty:
+        return
+    # Both sides judged by the same raters: the members who rated both the best opinion and the statement.
+    per = judged.groupby(["room_id", "stratum"], as_index=False)[["statement_agreement", "opinion_agreement"]].mean()
+    per["outcome"] = np.where(per["statement_agreement"] > per["opinion_agreement"], 1.0, np.where(per["statement_agreement"] == per["opinion_agreement"], 0.5, 0.0))
+    units.add("win_rate_vs_best_opinion", per.assign(arm_id=per["stratum"], one=1.0), "outcome", "one")
 
 
 def _duel_units(units: Units, experiment: Experiment, excluded: QuerySet | None) -> None:
@@ -397,7 +412,8 @@ def _ablation_units(units: Units, experiment: Experiment, excluded: QuerySet | N
     members: dict[tuple[int, int], dict[int, tuple[float, int]]] = defaultdict(dict)
     for row in sums:
         members[(row["candidate__round__room_id"], row["candidate__round__room__arm_id"])][row["participant_id"]] = (row["total"], row["count"])
-    rows, pooled = [], defaultdict(lambda: [0.0, 0, 0.0, 0])
+    rows: list[tuple[int, int, int, float]] = []
+    pooled: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0, 0.0])
     for (room_id, arm_id), per_member in sorted(members.items()):
         excluded_id = left_out[room_id]
         if excluded_id not in per_member or len(per_member) < 2:
@@ -450,35 +466,46 @@ def within_participant_spearman(participants: Sequence[int], predictions: Sequen
     return float(math.fsum(rho) / len(rho))
 
 
+def pairwise_agreement_accuracy(frame: pd.DataFrame) -> tuple[float | None, int]:
+    """modeling.reward.metrics.pairwise_accuracy for a whole study (columns p, x = predicted, y = rated): over
+    pairs of one participant's ratings that differ, the share the predictions order the same way (a
+    predicted tie counts half)."""
+    pairs = frame.merge(frame, on="p", suffixes=("_i", "_j"))
+    pairs = pairs[(pairs["row_i"] < pairs["row_j"]) & (pairs["y_i"] != pairs["y_j"])]
+    if pairs.empty:
+        return None, 0
+    same_order = (pairs["x_i"] > pairs["x_j"]) == (pairs["y_i"] > pairs["y_j"])
+    score = np.where(pairs["x_i"] == pairs["x_j"], 0.5, np.where(same_order, 1.0, 0.0))
+    return float(math.fsum(score) / len(score)), len(score)
+
+
 def reward_accuracy(experiment: Experiment, excluded: QuerySet | None) -> dict[int, RewardAccuracy]:
     """Predicted against rated agreement, per arm, over (member, shown statement) pairs that have both, and
     only where the prediction came from an informative reward model (the `none` baseline predicts a
     constant: its 'accuracy' would measure nothing)."""
-    prediction = PredictedAgreement.objects.filter(candidate=OuterRef("candidate"), participant=OuterRef("participant"))
-    rows = (
-        _kept(Rating.objects.filter(candidate__round__room__experiment=experiment), excluded)
-        .annotate(predicted=Subquery(prediction.values("score")[:1]), model=Subquery(prediction.values("reward_model")[:1]))
-        .filter(predicted__isnull=False)
-        .values_list("candidate__source_arm_id", "candidate__round__room__arm_id", "participant_id", "predicted", "agreement", "model")
-        .iterator(chunk_size=10000)
+    rated = _frame(
+        _kept(Rating.objects.filter(candidate__round__room__experiment=experiment), excluded).values_list(
+            "candidate_id", "participant_id", "candidate__source_arm_id", "candidate__round__room__arm_id", "agreement"
+        ),
+        ["candidate_id", "p", "source_arm_id", "room_arm_id", "y"],
     )
-    per_arm: dict[int, tuple[list[int], list[float], list[float]]] = defaultdict(lambda: ([], [], []))
-    informative: dict[str, bool] = {}
-    for source_arm, room_arm, participant_id, predicted, agreement, model in rows:
-        if model not in informative:
-            informative[model] = reward_model_is_informative(model)
-        if not informative[model]:
-            continue
-        participants, scores, targets = per_arm[source_arm or room_arm]
-        participants.append(participant_id)
-        scores.append(float(predicted))
-        targets.append(float(agreement))
+    predicted = _frame(
+        PredictedAgreement.objects.filter(candidate__round__room__experiment=experiment).values_list("candidate_id", "participant_id", "score", "reward_model"),
+        ["candidate_id", "p", "x", "model"],
+    )
+    if rated.empty or predicted.empty:
+        return {}
+    predicted = predicted[predicted["model"].map({m: reward_model_is_informative(m) for m in predicted["model"].unique()}).astype(bool)]
+    rows = rated.merge(predicted, on=["candidate_id", "p"])
+    rows["arm_id"] = rows["source_arm_id"].fillna(rows["room_arm_id"]).astype(int)
     out = {}
-    for arm_id, (participants, scores, targets) in per_arm.items():
-        accuracy, pairs = pairwise_accuracy(participants, scores, targets)
-        out[arm_id] = RewardAccuracy(
-            mae=mae(scores, targets), spearman=within_participant_spearman(participants, scores, targets),
-            pairwise_accuracy=accuracy, rows=len(targets), pairs=pairs,
+    for arm_id, arm_rows in rows.groupby("arm_id"):
+        arm_rows = arm_rows.reset_index(drop=True).assign(row=lambda f: np.arange(len(f)), x=lambda f: f["x"].astype(float), y=lambda f: f["y"].astype(float))
+        accuracy, pairs = pairwise_agreement_accuracy(arm_rows[["p", "x", "y", "row"]])
+        out[int(arm_id)] = RewardAccuracy(
+            mae=float(np.abs(arm_rows["x"] - arm_rows["y"]).mean()),
+            spearman=within_participant_spearman(arm_rows["p"].tolist(), arm_rows["x"].tolist(), arm_rows["y"].tolist()),
+            pairwise_accuracy=accuracy, rows=len(arm_rows), pairs=pairs,
         )
     return out
 
@@ -563,12 +590,11 @@ def _cluster_matrix(frame: pd.DataFrame, columns: list[tuple[str, int]]) -> tupl
     column_index = {key: j for j, key in enumerate(columns)}
     num = np.zeros((len(index), len(columns)))
     den = np.zeros((len(index), len(columns)))
-    grouped = frame.groupby(["room_id", "metric", "arm_id"], as_index=False)[["num", "den"]].sum()
-    for room_id, metric, arm_id, n, d in grouped.itertuples(index=False):
-        j = column_index.get((metric, int(arm_id)))
-        if j is not None:
-            num[index[room_id], j] += n
-            den[index[room_id], j] += d
+    rows = frame["room_id"].map(index).to_numpy()
+    cols = np.array([column_index.get((m, int(a)), -1) for m, a in zip(frame["metric"], frame["arm_id"])], dtype=int)
+    keep = cols >= 0
+    np.add.at(num, (rows[keep], cols[keep]), frame["num"].to_numpy(dtype=float)[keep])
+    np.add.at(den, (rows[keep], cols[keep]), frame["den"].to_numpy(dtype=float)[keep])
     return num, den, clusters["stratum"].to_numpy(), list(clusters["room_id"])
 
 
@@ -598,14 +624,14 @@ def permutation_pvalues(
     metric_index = {metric: j for j, metric in enumerate(metrics)}
     shape = (len(rooms), len(metrics))
     a_num, a_den, b_num, b_den = (np.zeros(shape) for _ in range(4))
-    for room_id, arm_id, metric, num, den in rows[["room_id", "arm_id", "metric", "num", "den"]].itertuples(index=False):
-        i, j = room_index[room_id], metric_index[metric]
-        if arm_id == arm_a:
-            a_num[i, j] += num
-            a_den[i, j] += den
-        else:
-            b_num[i, j] += num
-            b_den[i, j] += den
+    i = rows["room_id"].map(room_index).to_numpy()
+    j = rows["metric"].map(metric_index).to_numpy()
+    is_a = (rows["arm_id"] == arm_a).to_numpy()
+    values, weights = rows["num"].to_numpy(dtype=float), rows["den"].to_numpy(dtype=float)
+    np.add.at(a_num, (i[is_a], j[is_a]), values[is_a])
+    np.add.at(a_den, (i[is_a], j[is_a]), weights[is_a])
+    np.add.at(b_num, (i[~is_a], j[~is_a]), values[~is_a])
+    np.add.at(b_den, (i[~is_a], j[~is_a]), weights[~is_a])
     observed = _ratio(a_num.sum(0), a_den.sum(0)) - _ratio(b_num.sum(0), b_den.sum(0))
     has_a, has_b = a_den.sum(1) > 0, b_den.sum(1) > 0
     paired = has_a & has_b
@@ -638,7 +664,7 @@ def analyse(experiment: Experiment, rules: tuple[str, ...] = ()) -> Analysis:
     excluded = selectors.excluded_participants(experiment, rules) if rules else None
     arms = list(experiment.arms.order_by("id"))
     names = {arm.pk: arm.name for arm in arms}
-    table = statement_table(experiment, excluded)
+    table, histogram = statement_table(experiment, excluded)
     units = Units()
     _statement_units(units, table)
     _contest_units(units, experiment, excluded)
@@ -693,29 +719,31 @@ def analyse(experiment: Experiment, rules: tuple[str, ...] = ()) -> Analysis:
             )
     tested = [c for c in comparisons if c.p_value is not None]
     if tested:
-        _, adjusted, _, _ = multipletests([c.p_value for c in tested], method="holm")
+        # statsmodels' Holm path calls gc.collect(); freezing first keeps that from walking the whole heap.
+        gc.freeze()
+        try:
+            _, adjusted, _, _ = multipletests([c.p_value for c in tested], method="holm")
+        finally:
+            gc.unfreeze()
         for comparison, p in zip(tested, adjusted):
             comparison.p_holm = float(p)
     return Analysis(
         rules=rules, arms=reports, comparisons=comparisons, exclusions=selectors.exclusion_counts(experiment, rules),
-        distributions=_distributions(experiment, excluded, arms),
+        distributions=_distributions(histogram, arms),
     )
 
 
-def _distributions(experiment: Experiment, excluded: QuerySet | None, arms: list[Arm]) -> list[Distribution]:
-    counts = (
-        _kept(Rating.objects.filter(candidate__round__room__experiment=experiment), excluded)
-        .annotate(arm=F("candidate__source_arm_id"))
-        .values("arm", "candidate__round__room__arm_id", "candidate__rank", "agreement").annotate(count=Count("id")).order_by()
-    )
+def _distributions(histogram: pd.DataFrame, arms: list[Arm]) -> list[Distribution]:
     per: dict[int, Distribution] = {arm.pk: Distribution(arm.name, [0] * 7, [0] * 7) for arm in arms}
-    for row in counts:
-        distribution = per.get(row["arm"] or row["candidate__round__room__arm_id"])
-        if distribution is None:
-            continue
-        distribution.all_shown[row["agreement"] - 1] += row["count"]
-        if row["candidate__rank"] == 1:
-            distribution.chosen[row["agreement"] - 1] += row["count"]
+    if not histogram.empty:
+        grouped = histogram.groupby(["arm_id", "chosen", "agreement"])["raters"].sum()
+        for (arm_id, chosen, agreement), count in grouped.items():
+            distribution = per.get(int(arm_id))
+            if distribution is None:
+                continue
+            distribution.all_shown[int(agreement) - 1] += int(count)
+            if chosen:
+                distribution.chosen[int(agreement) - 1] += int(count)
     return [per[arm.pk] for arm in arms if sum(per[arm.pk].all_shown)]
 
 

@@ -165,3 +165,20 @@ def test_the_studywide_spearman_is_the_reward_metrics_definition() -> None:
         mean_within_participant_spearman(participants, predictions, targets), abs=1e-12
     )
     assert analytics.within_participant_spearman([1, 1], [2.0, 3.0], [5.0, 5.0]) is None
+
+
+def test_the_studywide_pairwise_accuracy_is_the_reward_metrics_definition() -> None:
+    import random as _random
+
+    import pandas as pd
+
+    from modeling.reward.metrics import pairwise_accuracy
+
+    rng = _random.Random(9)
+    participants = [p for p in range(40) for _ in range(rng.randint(1, 5))]
+    targets = [float(rng.randint(1, 7)) for _ in participants]
+    predictions = [float(rng.choice([3.0, 4.0, 4.5, 5.0])) for _ in participants]  # with predicted ties
+    frame = pd.DataFrame({"p": participants, "x": predictions, "y": targets, "row": range(len(participants))})
+    expected_accuracy, expected_pairs = pairwise_accuracy(participants, predictions, targets)
+    accuracy, pairs = analytics.pairwise_agreement_accuracy(frame)
+    assert pairs == expected_pairs and accuracy == pytest.approx(expected_accuracy, abs=1e-12)
