@@ -39,10 +39,10 @@ def _p(value: float | None) -> str:
 
 def forest_figure(analysis: Analysis, *, title: str) -> Figure:
     rows = [c for c in analysis.comparisons if c.difference.value is not None]
-    height = 1.2 + 0.38 * max(len(rows), 1)
+    height = 1.5 + 0.38 * max(len(rows), 1)
     figure, axes = plt.subplots(figsize=(10, height))
-    figure.subplots_adjust(left=0.42, right=0.68, top=1 - 0.55 / height, bottom=0.5 / height)
-    axes.set_title(title, fontsize=10, loc="left", x=-0.72)
+    figure.subplots_adjust(left=0.4, right=0.66, top=1 - 0.85 / height, bottom=0.5 / height)
+    figure.suptitle(title, fontsize=10, x=0.01, y=1 - 0.12 / height, ha="left", va="top")
     if not rows:
         axes.text(0.5, 0.5, "No comparison yet: two arms need ratings.", ha="center", va="center", transform=axes.transAxes)
         axes.set_axis_off()

@@ -152,7 +152,8 @@ class Command(BaseCommand):
                 round_seconds.append((round_.finished_at - round_.opinions_started_at).total_seconds())
             if round_.mediation_started_at and round_.rating_started_at:
                 mediation_seconds.append((round_.rating_started_at - round_.mediation_started_at).total_seconds())
-            winner = Candidate.objects.filter(round=round_, rank=1).first()
+            # The group's own arm's chosen statement (a head-to-head round also has the compared arm's rank 1).
+            winner = Candidate.objects.filter(round=round_, rank=1).filter(Q(source_arm=round_.room.arm) | Q(source_arm=None)).first()
             scores = list(Rating.objects.filter(candidate=winner).values_list("agreement", flat=True)) if winner else []
             if scores:
                 arm = per_arm.setdefault(round_.room.arm.name, {"mean": [], "worst_off": []})
