@@ -182,3 +182,24 @@ def test_the_studywide_pairwise_accuracy_is_the_reward_metrics_definition() -> N
     expected_accuracy, expected_pairs = pairwise_accuracy(participants, predictions, targets)
     accuracy, pairs = analytics.pairwise_agreement_accuracy(frame)
     assert pairs == expected_pairs and accuracy == pytest.approx(expected_accuracy, abs=1e-12)
+
+
+def test_value_labels_never_sit_on_a_whisker(study) -> None:
+    # Inline bars: each value label starts right of its interval's end.
+    chart = analytics.bar_chart(title="T", bars=[analytics.Bar("wide", Estimate(2.0, 1.5, 6.5, 3))], low=1, high=7)
+    (whisker_end,) = re.findall(r'x2="([0-9.]+)" y2="[0-9.]+" class="ci"', chart)
+    (label_x,) = re.findall(r'<text x="([0-9.]+)" y="[0-9.]+" class="value">', chart)
+    assert float(label_x) > float(whisker_end)
+    # The forest plot: the numbers are in a column outside the axes; every whisker is inside them.
+    from research import plots
+
+    analysis = analytics.analyse(study.experiment)
+    figure = plots.forest_figure(analysis, title="test")
+    axes = figure.axes[0]
+    low, high = axes.get_xlim()
+    for line in axes.get_lines()[:-1]:  # the last line is the dashed zero
+        assert all(low <= x <= high for x in line.get_xdata())
+    numbers = [text for text in axes.texts if re.search(r"\d", text.get_text())]
+    assert len(numbers) == len(analysis.comparisons) + 1 and all(text.get_position()[0] > 1 for text in numbers)  # + the header
+    for fmt, magic in (("svg", b"<svg"), ("png", b"\x89PNG")):
+        assert magic in plots.render(analysis, plot="forest", fmt=fmt, title="t")[:400]
