@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import math
 
@@ -17,6 +18,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display; must precede pyplot
 # SVG text stays text (searchable, editable in a paper's figure), not outlines.
 matplotlib.rcParams["svg.fonttype"] = "none"
+matplotlib.rcParams["svg.hashsalt"] = "concord"  # stable element ids: the same data gives the same file
 
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
@@ -113,3 +115,8 @@ def render(analysis: Analysis, *, plot: str, fmt: str, title: str) -> bytes:
     figure.savefig(buffer, format=fmt, dpi=200 if fmt == "png" else 72, metadata=metadata)
     plt.close(figure)
     return buffer.getvalue()
+
+
+def data_uri(analysis: Analysis, *, plot: str, title: str) -> str:
+    """The figure as an SVG data URI, for an <img> on the page."""
+    return "data:image/svg+xml;base64," + base64.b64encode(render(analysis, plot=plot, fmt="svg", title=title)).decode("ascii")

@@ -93,7 +93,10 @@ def analytics_page(request: HtmxHttpRequest, slug: str) -> HttpResponse:
         {
             "experiment": experiment, "report": report, "rows": analytics.table_rows(report), "charts": analytics.charts(report),
             "rules": [(rule, label, rule in report.analysis.rules) for rule, label in selectors.EXCLUSION_RULES.items()],
-            "query": request.GET.urlencode(), "plots": plots.PLOTS,
+            "query": request.GET.urlencode(),
+            # The figures are drawn from the analysis just computed and inlined as data URIs (an <img> runs no
+            # script), so viewing the page does not compute the analysis again per figure.
+            "plots": [(plot, plots.data_uri(report.analysis, plot=plot, title=_plot_title(experiment, report, plot))) for plot in plots.PLOTS],
         },
     )
 
@@ -107,6 +110,11 @@ def analytics_csv(request: HtmxHttpRequest, slug: str) -> HttpResponse:
     return response
 
 
+def _plot_title(experiment: Experiment, report: analytics.ExperimentReport, plot: str) -> str:
+    what = "differences between arms" if plot == "forest" else "agreement ratings per arm"
+    return f"{experiment.name}: {what} (exclusions: {report.analysis.rules_text})"
+
+
 @login_required
 @require_GET
 def analytics_plot(request: HtmxHttpRequest, slug: str, plot: str, fmt: str) -> HttpResponse:
@@ -114,8 +122,7 @@ def analytics_plot(request: HtmxHttpRequest, slug: str, plot: str, fmt: str) -> 
     if plot not in plots.PLOTS or fmt not in plots.FORMATS:
         raise Http404("No such plot.")
     report = _analytics_report(request, experiment)
-    exclusions = report.analysis.rules_text
-    title = f"{experiment.name}: " + ("differences between arms" if plot == "forest" else "agreement ratings per arm") + f" (exclusions: {exclusions})"
+    title = _plot_title(experiment, report, plot)
     response = HttpResponse(plots.render(report.analysis, plot=plot, fmt=fmt, title=title), content_type=plots.FORMATS[fmt])
     if request.GET.get("download"):
         response["Content-Disposition"] = f'attachment; filename="{experiment.slug}-{plot}.{fmt}"'
