@@ -165,7 +165,8 @@ def main() -> None:
     result = {
         "benchmark": "analytics",
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()},
+        # The load average says how shared the machine was while the timings were taken.
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(), "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()]},
         "database": "sqlite (var/bench-analytics.sqlite3)",
         "study": counts,
         "build_seconds": round(build_seconds, 1),
