@@ -3,7 +3,11 @@
 FROM python:3.11-slim
 
 ARG REQUIREMENTS=requirements.txt
-ENV PYTHONUNBUFFERED=1 \
+# The image has no .git (see .dockerignore): pass the commit so exports can record it, e.g.
+# docker build --build-arg CONCORD_CODE_VERSION=$(git rev-parse HEAD) .  Left blank, exports say "unknown".
+ARG CONCORD_CODE_VERSION=""
+ENV CONCORD_CODE_VERSION=${CONCORD_CODE_VERSION} \
+    PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     CONCORD_VAR_DIR=/var/lib/concord \
@@ -25,4 +29,4 @@ RUN SECRET_KEY=collectstatic-only python manage.py collectstatic --noinput \
 USER concord
 
 EXPOSE 8000
-CMD ["daphne", "-b", "0.0.0.0", "-p", "8000", "--proxy-headers", "config.asgi:application"]
+CMD ["daphne", "-b", "0.0.0.0", "-p", "8000", "config.asgi:application"]

@@ -16,6 +16,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from django.contrib import admin
+from django.contrib.admin.utils import NotRelationField, get_fields_from_path
+from django.core.exceptions import FieldDoesNotExist
 from django.db.models import Model, Q, QuerySet
 
 from .models import Collaboration
@@ -132,6 +134,21 @@ class OwnedByResearcherAdmin(ExperimentChoicesMixin, admin.ModelAdmin):
 
     def get_queryset(self, request: HttpRequest) -> QuerySet:
         return super().get_queryset(request).filter(experiment_filter(request.user, path=self._path()))
+
+    def get_list_filter(self, request: HttpRequest) -> Any:
+        """Sidebar filters over a relation (an experiment, a room) offer only the related rows of this
+        admin's own (already limited) rows: Django's default lists every experiment by name."""
+        limited: list[Any] = []
+        for entry in super().get_list_filter(request):
+            if isinstance(entry, str):
+                try:
+                    field = get_fields_from_path(self.model, entry)[-1]
+                except (FieldDoesNotExist, NotRelationField):
+                    field = None
+                if field is not None and field.is_relation:
+                    entry = (entry, admin.RelatedOnlyFieldListFilter)
+            limited.append(entry)
+        return limited
 
     def _may_change(self, request: HttpRequest, obj: Any) -> bool:
         if obj is None or sees_every_experiment(request.user):

@@ -1,4 +1,4 @@
-"""ASGI entry point: HTTP, and websockets behind an origin check and session auth."""
+"""ASGI entry point: HTTP behind a body-size limit, and websockets behind a same-origin check and session auth."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ django_http = get_asgi_application()
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
+from config.asgi_guards import RequestBodyLimit, SameOriginWebsocket, install_daphne_body_limit  # noqa: E402
 from deliberation.dispatch import remember_server_loop  # noqa: E402
 from deliberation.recovery import start_on_loop  # noqa: E402
 from deliberation.routing import websocket_urlpatterns  # noqa: E402
@@ -41,13 +41,16 @@ class RememberServerLoop:
         await self.app(scope, receive, send)
 
 
+# daphne itself refuses oversized bodies while they arrive (it would otherwise take them whole first).
+install_daphne_body_limit()
+
 http_app: Any = ASGIStaticFilesHandler(django_http) if settings.SERVE_STATIC else django_http
 
 application = RememberServerLoop(
     ProtocolTypeRouter(
         {
-            "http": http_app,
-            "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
+            "http": RequestBodyLimit(http_app),
+            "websocket": SameOriginWebsocket(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
         }
     )
 )

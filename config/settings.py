@@ -7,6 +7,8 @@ With REDIS_URL, the Redis channel layer and real Celery workers are used.
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -29,10 +31,16 @@ RUNNING_TESTS = "pytest" in sys.modules
 # Commands that only read or write migration files sign nothing, so a checkout can check its
 # migrations (`manage.py makemigrations --check`, as CI hooks do) without a production secret.
 SIGNS_NOTHING = sys.argv[1:2] in (["makemigrations"], ["showmigrations"], ["sqlmigrate"])
+# The demo's fixed key: public (it is in this file), so anything keyed with it, such as the export's
+# participant pseudonyms, can be reversed by anyone (research/exports.py warns when it is in use).
+INSECURE_FALLBACK_SECRET_KEY = "insecure-development-key-do-not-use-in-production"
 if not SECRET_KEY:
     if not DEBUG and not RUNNING_TESTS and not SIGNS_NOTHING:
         raise ImproperlyConfigured("SECRET_KEY must be set when DEBUG is off (make run sets DEBUG=1 for you).")
-    SECRET_KEY = "insecure-development-key-do-not-use-in-production"
+    SECRET_KEY = INSECURE_FALLBACK_SECRET_KEY
+# The software version exports record: set by a deployment without a git checkout (a container
+# image: `docker build --build-arg CONCORD_CODE_VERSION=$(git rev-parse HEAD)`); blank: ask git.
+CONCORD_CODE_VERSION = env_str("CONCORD_CODE_VERSION")
 
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]", "testserver"])
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
@@ -139,18 +147,30 @@ else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
 # Rate-limit counters must be shared by every web process, so they live in Redis when it is there.
+# They have a cache alias of their own ("ratelimit"), which nothing else writes: filling another cache
+# cannot evict (and so reset) them, and deliberation.ratelimit makes keys only for client addresses and
+# for participants whose code resolved, never for made-up URLs.
+RATE_LIMIT_MAX_KEYS = env_int("RATE_LIMIT_MAX_KEYS", 100_000, minimum=1000)
 if REDIS_URL:
     # Bounded waits: the rate limiter lets requests through when Redis is unreachable (deliberation.ratelimit),
     # which only helps if finding that out is quick.
-    CACHES = {
-        "default": {
-            "BACKEND": "django.core.cache.backends.redis.RedisCache",
-            "LOCATION": REDIS_URL,
-            "OPTIONS": {"socket_connect_timeout": 2, "socket_timeout": 2},
-        }
+    _redis_cache = {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": REDIS_URL,
+        "OPTIONS": {"socket_connect_timeout": 2, "socket_timeout": 2},
     }
+    CACHES = {"default": _redis_cache, "ratelimit": {**_redis_cache, "KEY_PREFIX": "ratelimit"}}
 else:
-    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+    CACHES = {
+        "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "default"},
+        "ratelimit": {
+            "BACKEND": "django.core.cache.backends.locmem.LocMemCache",
+            "LOCATION": "ratelimit",
+            # One key per active client address and participant per minute (the last minute's is deleted);
+            # culling, which could reset a counter, starts only past this many.
+            "OPTIONS": {"MAX_ENTRIES": RATE_LIMIT_MAX_KEYS},
+        },
+    }
 
 CELERY_BROKER_URL = REDIS_URL or "memory://"
 CELERY_RESULT_BACKEND = None
@@ -200,9 +220,31 @@ RATE_LIMIT_JOIN_PER_IP = env_int("RATE_LIMIT_JOIN_PER_IP", 60, minimum=0)
 RATE_LIMIT_SUBMIT_PER_PARTICIPANT = env_int("RATE_LIMIT_SUBMIT_PER_PARTICIPANT", 60, minimum=0)
 # Drafts autosave while people type (at most one request per 0.8 s).
 RATE_LIMIT_DRAFT_PER_PARTICIPANT = env_int("RATE_LIMIT_DRAFT_PER_PARTICIPANT", 240, minimum=0)
-TRUST_X_FORWARDED_FOR = env_bool("TRUST_X_FORWARDED_FOR", False)
+# The client address behind proxies (deliberation.ratelimit.client_ip, docs/deploy.md): X-Forwarded-For
+# is read only as far as trusted proxies wrote it. TRUSTED_PROXY_COUNT is how many proxies stand in
+# front of daphne (nginx alone: 1), TRUSTED_PROXIES their addresses or networks (e.g. 10.0.0.0/8).
+# The client is the right-most address that is not a trusted proxy. Neither set: REMOTE_ADDR.
+TRUSTED_PROXY_COUNT = env_int("TRUSTED_PROXY_COUNT", 0, minimum=0, maximum=10)
+TRUSTED_PROXIES = env_list("TRUSTED_PROXIES", [])
+for _proxy in TRUSTED_PROXIES:
+    try:
+        ipaddress.ip_network(_proxy, strict=False)
+    except ValueError:
+        raise ImproperlyConfigured(f"TRUSTED_PROXIES: {_proxy!r} is not an address or network (e.g. 10.0.0.0/8).") from None
+if "TRUST_X_FORWARDED_FOR" in os.environ:
+    # It trusted the first, client-written entry; fail loudly rather than quietly trust nothing.
+    raise ImproperlyConfigured(
+        "TRUST_X_FORWARDED_FOR is gone: set TRUSTED_PROXY_COUNT (how many proxies are in front, e.g. 1) "
+        "and/or TRUSTED_PROXIES (their addresses) instead; see docs/deploy.md."
+    )
 
 DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("DATA_UPLOAD_MAX_MEMORY_SIZE", 256 * 1024, minimum=1024)
+# Request bodies larger than this are refused with 413 before Django reads them (config.asgi_guards:
+# by Content-Length, and by counting a chunked body as it streams in). Forms need far less.
+REQUEST_BODY_MAX_BYTES = env_int("REQUEST_BODY_MAX_BYTES", 1024 * 1024, minimum=DATA_UPLOAD_MAX_MEMORY_SIZE)
+# A websocket's "resync" (a full re-render) is served at most once per this many seconds per socket;
+# more frames meanwhile are coalesced into one render at the end of the interval.
+CONCORD_RESYNC_MIN_INTERVAL_SECONDS = env_float("CONCORD_RESYNC_MIN_INTERVAL_SECONDS", 2.0, minimum=0.0)
 
 LOGIN_URL = "/accounts/login/"
 LOGIN_REDIRECT_URL = "/researcher/"

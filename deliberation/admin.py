@@ -23,6 +23,7 @@ from .models import (
     Room,
     RoomAssignment,
     Round,
+    SeatTransfer,
 )
 
 
@@ -128,3 +129,23 @@ class PageViewAdmin(OwnedByResearcherAdmin):
     experiment_path = "participant__room__experiment"
     list_display = ["id", "participant", "round", "view", "phase", "shown_at"]
     list_filter = ["view"]
+
+
+@admin.register(SeatTransfer)
+class SeatTransferAdmin(OwnedByResearcherAdmin):
+    """Seats moved to a new browser (links are made on the room monitor): who issued each, when, and if used.
+    Read-only: the record of a seat's moves is the proof deliberation.seats checks."""
+
+    experiment_path = "participant__room__experiment"
+    list_display = ["id", "participant", "issued_by", "issued_at", "expires_at", "used_at"]
+    readonly_fields = ["participant", "issued_by", "issued_at", "expires_at", "used_at"]
+    exclude = ["token_sha256"]
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False

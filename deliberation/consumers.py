@@ -23,15 +23,16 @@ from typing import Any
 from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
 from django.db import DatabaseError, connection
 from django.template.loader import render_to_string
 
 from accounts import permissions
 
 from . import selectors, services
-from .events import PRIVATE_TO_PARTICIPANT, room_group
+from .events import PRIVATE_TO_PARTICIPANT, SeatMoved, room_group
 from .models import Participant, Room
-from .views import SESSION_KEY
+from .seats import holds_seat
 
 logger = logging.getLogger(__name__)
 
@@ -181,11 +182,14 @@ class ParticipantConsumer(RoomSocketConsumer):
     # Set by an event, cleared by the render that reads the state after it.
     stale: bool = False
     render_task: asyncio.Task[None] | None = None
+    # Set by a "resync" frame, cleared by the full render that answers it (resync_task serves them).
+    resync_wanted: bool = False
+    resync_task: asyncio.Task[None] | None = None
 
     async def connect(self) -> None:
         code = self.scope["url_route"]["kwargs"]["code"]
         session = self.scope.get("session")
-        allowed = session is not None and code in await database_sync_to_async(lambda: session.get(SESSION_KEY, []))()
+        allowed = session is not None and await database_sync_to_async(holds_seat)(session, code)
         participant = await database_sync_to_async(selectors.participant_by_code)(code) if allowed else None
         if participant is None:
             await self.close(code=4403)
@@ -201,8 +205,9 @@ class ParticipantConsumer(RoomSocketConsumer):
         await self.push(full=True)
 
     async def disconnect(self, code: int) -> None:
-        if self.render_task is not None:
-            self.render_task.cancel()
+        for task in (self.render_task, self.resync_task):
+            if task is not None:
+                task.cancel()
         # Presence first: leaving the group may wait on a Redis that is down.
         await self.release()
         await self.leave_room_group()
@@ -219,9 +224,34 @@ class ParticipantConsumer(RoomSocketConsumer):
             return
         # The client asks for a full re-render after it regains focus or suspects a gap.
         if text_data and '"resync"' in text_data:
-            await self.push(full=True)
+            self.request_resync()
+
+    def request_resync(self) -> None:
+        """Serve a resync now if none was served in the last CONCORD_RESYNC_MIN_INTERVAL_SECONDS, else
+        once at the end of that interval, however many frames asked meanwhile: a flood of resync
+        frames from one socket costs at most one full render per interval, not one each (each is a
+        full page render: 200 ten-byte frames used to cost 200 renders, 4.6 s of server work)."""
+        self.resync_wanted = True
+        if self.resync_task is None or self.resync_task.done():
+            self.resync_task = asyncio.create_task(self._serve_resyncs())
+
+    async def _serve_resyncs(self) -> None:
+        try:
+            while self.resync_wanted:
+                self.resync_wanted = False
+                await self.push(full=True)
+                await asyncio.sleep(settings.CONCORD_RESYNC_MIN_INTERVAL_SECONDS)
+        except Exception:
+            logger.exception("Could not resync participant %s", self.participant.pk)
+            await self.close(code=RENDER_FAILED_CLOSE_CODE)
 
     async def room_event(self, event: dict[str, Any]) -> None:
+        if event.get("event") == SeatMoved.type_name:
+            # The seat may have moved away from this browser: a socket that no longer holds it closes
+            # (4403: concord.js does not reconnect), so the old browser stops seeing the room at once.
+            if event.get("participant_id") == self.participant.pk and not await database_sync_to_async(holds_seat)(self.scope["session"], self.participant.code):
+                await self.close(code=4403)
+            return
         if event.get("event") in PRIVATE_TO_PARTICIPANT:
             # Another member's rating changes nothing on this screen, and one's own rating came from a
             # request whose response swapped in the new form: rendering it again would double the cost

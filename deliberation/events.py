@@ -91,6 +91,15 @@ class ParticipantFinished(RoomEvent):
     participant_id: int
 
 
+@dataclass(frozen=True)
+class SeatMoved(RoomEvent):
+    """A participant's seat moved to a new browser (a researcher's seat link): their sockets in other
+    browsers check their seat again, and close."""
+
+    type_name: ClassVar[str] = "seat.moved"
+    participant_id: int
+
+
 # Events that change only what their own participant sees, and only through a request of theirs whose
 # response already carries the new screen: participant sockets do not re-render for them (the monitor does).
 PRIVATE_TO_PARTICIPANT = frozenset({RatingSubmitted.type_name})

@@ -480,6 +480,10 @@ class Opinion(models.Model):
     participant = models.ForeignKey(Participant, on_delete=models.CASCADE, related_name="opinions")
     text = models.TextField()
     created_at = models.DateTimeField(auto_now_add=True)
+    # Position in the list of opinions mediation gave the generator (0-based): candidates' opinion
+    # orders index this list, so a round replays only with its opinions in this order. Null: not
+    # given to the generator (the excluded member's, a dropout's, or not mediated yet).
+    generation_position = models.PositiveSmallIntegerField(null=True, blank=True)
 
     class Meta:
         ordering = ["id"]
@@ -500,6 +504,14 @@ class Candidate(models.Model):
     prompt_tokens = models.PositiveIntegerField(default=0)
     completion_tokens = models.PositiveIntegerField(default=0)
     latency_ms = models.FloatField(default=0)
+    # Reproducibility (null on rows stored before they were recorded): which sample of the generation
+    # request this is, the seed its backend's sampler was given (modeling.generation.cleaning.RawSample),
+    # and the sampling settings asked for.
+    sample_index = models.PositiveIntegerField(null=True, blank=True)
+    sampling_seed = models.BigIntegerField(null=True, blank=True)
+    temperature = models.FloatField(null=True, blank=True)
+    top_p = models.FloatField(null=True, blank=True)
+    max_new_tokens = models.PositiveIntegerField(null=True, blank=True)
     welfare = models.FloatField(null=True, blank=True)
     welfare_method = models.CharField(max_length=20, blank=True)
     rank = models.PositiveSmallIntegerField(null=True, blank=True)  # 1 = best under the arm's welfare
@@ -671,3 +683,35 @@ class PageView(models.Model):
 
     class Meta:
         ordering = ["participant_id", "shown_at", "id"]
+
+
+class SeatTransferQuerySet(models.QuerySet["SeatTransfer"]):
+    def moves_by_code(self, codes: list[str]) -> dict[str, int]:
+        """How many times each participant's seat was moved to a new browser (codes with none are absent)."""
+        rows = self.filter(participant__code__in=codes, used_at__isnull=False).values("participant__code").annotate(moves=models.Count("id"))
+        return {row["participant__code"]: row["moves"] for row in rows}
+
+
+class SeatTransfer(models.Model):
+    """A researcher's one-time link that moves a participant's seat to a new browser (a participant who lost
+    their browser or switched device): the only way to resume a seat without the original browser's
+    session. Only a hash of the link's token is stored. Redeeming it makes the seat the new browser's:
+    every browser that held the seat before no longer does (deliberation.seats counts the moves)."""
+
+    participant = models.ForeignKey(Participant, on_delete=models.CASCADE, related_name="seat_transfers")
+    token_sha256 = models.CharField(max_length=64, unique=True)
+    issued_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    issued_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField()
+    used_at = models.DateTimeField(null=True, blank=True)
+
+    objects = SeatTransferQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-issued_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"Seat transfer of participant {self.participant_id}"
+
+    def is_redeemable(self, now: datetime) -> bool:
+        return self.used_at is None and now < self.expires_at

@@ -6,6 +6,7 @@ urlpatterns = [
     path("", views.home, name="home"),
     path("e/<slug:slug>/join/", views.join, name="join"),
     path("e/<slug:slug>/r/<str:room_code>/join/", views.join, name="join_room"),
+    path("resume/<str:token>/", views.seat_resume, name="seat_resume"),
     path("p/<str:code>/", views.participant_page, name="participant"),
     path("p/<str:code>/opinion/", views.opinion_submit, name="opinion_submit"),
     path("p/<str:code>/draft/", views.opinion_draft, name="opinion_draft"),
@@ -16,4 +17,5 @@ urlpatterns = [
     path("p/<str:code>/attention/", views.attention_submit, name="attention_submit"),
     path("researcher/rooms/<dbid:room_id>/", views.room_monitor, name="room_monitor"),
     path("researcher/rooms/<dbid:room_id>/start/", views.room_start, name="room_start"),
+    path("researcher/participants/<dbid:participant_id>/move-seat/", views.seat_transfer_issue, name="seat_transfer_issue"),
 ]

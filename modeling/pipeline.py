@@ -44,6 +44,8 @@ class MediationResult:
     # Candidates that repeat what an opinion tried to make the mediator say (a URL, a shouted slogan,
     # "end with ..."): ranked after every other candidate, so they are shown only if nothing else is left.
     demoted: list[int] = field(default_factory=list)
+    # The sampling settings the generator was asked for (temperature, top-p, token budget).
+    sampling: SamplingParams = field(default_factory=SamplingParams)
 
 
 def demote_injected(candidates: Sequence[HasText], opinions: Sequence[str], ranking: list[int]) -> tuple[list[int], list[int]]:
@@ -106,4 +108,5 @@ def mediate(
         reward_model=reward_model.name,
         reward_model_version=reward_model.version,
         demoted=demoted,
+        sampling=request.sampling,
     )

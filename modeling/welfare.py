@@ -12,9 +12,16 @@ its welfare (higher is better), and candidates are ranked by welfare:
 - borda: each participant's scores induce a ballot (equal scores are tied on the
   ballot); a candidate receives one point per candidate below it and half a point
   per candidate tied with it; welfare is the mean number of points.
-- schulze: the Schulze method (beatpath, winning votes) over the same ballots;
-  welfare is the number of other candidates a candidate beats in the Schulze
-  relation, which orders candidates consistently with that (transitive) relation.
+- schulze: the Schulze method (beatpath, winning votes) over the same ballots,
+  ordered as the Habermas Machine orders it (schulze_method.py `_rank_candidates`):
+  by levels of how many candidates beat each one (fewer is better); welfare is the
+  number of other candidates that do NOT beat a candidate, so every unbeaten
+  candidate shares the top level.
+- schulze_wins: the same Schulze relation, ordered by how many other candidates
+  each one beats (more is better). This was Concord's order for `schulze` before it
+  followed the Habermas Machine; both extend the (transitive) Schulze relation and
+  agree on who is unbeaten when there is a unique winner, but may order the rest
+  differently (docs/welfare.md has the 5-voter example where they differ).
 
 Exact welfare ties are broken by `tie_break` (see TIE_BREAKS). The options mirror
 the Habermas Machine's social-choice code (google-deepmind/habermas_machine,
@@ -237,9 +244,27 @@ def schulze_tables(matrix: FloatMatrix) -> SchulzeTables:
 
 
 def schulze_welfare(matrix: FloatMatrix, alpha: float = 0.0) -> list[float]:
-    # The Schulze relation is transitive (Schulze 2011, section 4.1), so if c beats d
-    # then c beats everything d beats, plus d: counting wins orders candidates
-    # consistently with the relation, and incomparable candidates can share a count.
+    """The Habermas Machine's level order: the fewer candidates beat c, the higher c's level.
+
+    Welfare = the number of other candidates d with strength[c, d] >= strength[d, c]
+    (the Habermas Machine's `weakly_preferred_count`, less the candidate itself), so
+    the dense levels equal its `social_ranking` with ties. The relation is transitive
+    (Schulze 2011, section 4.1), so this extends it.
+    """
+    tables = schulze_tables(matrix)
+    n = tables.beats.shape[0]
+    beaten_by = tables.beats.sum(axis=0)
+    return [float(n - 1 - count) for count in beaten_by]
+
+
+def schulze_wins_welfare(matrix: FloatMatrix, alpha: float = 0.0) -> list[float]:
+    """Concord's earlier order: by how many other candidates c beats in the Schulze relation.
+
+    The Schulze relation is transitive, so if c beats d then c beats everything d beats,
+    plus d: counting wins also orders candidates consistently with the relation, and
+    incomparable candidates can share a count. It differs from `schulze_welfare` when an
+    unbeaten candidate beats fewer others than another unbeaten one.
+    """
     tables = schulze_tables(matrix)
     return [float(count) for count in tables.beats.sum(axis=1)]
 
@@ -254,8 +279,11 @@ WELFARE_METHODS: dict[str, tuple[WelfareFunction, str]] = {
     "nash": (nash_welfare, "Nash (geometric mean)"),
     "isoelastic": (isoelastic_welfare, "Isoelastic (inequality-averse, alpha)"),
     "borda": (borda_welfare, "Borda"),
-    "schulze": (schulze_welfare, "Schulze"),
+    "schulze": (schulze_welfare, "Schulze (Habermas Machine order: fewest beaten by)"),
+    "schulze_wins": (schulze_wins_welfare, "Schulze (most candidates beaten)"),
 }
+# Methods that rank by the Schulze relation (the monitor explains them with strongest paths).
+SCHULZE_METHODS = frozenset({"schulze", "schulze_wins"})
 WELFARE_FUNCTIONS: dict[str, WelfareFunction] = {name: function for name, (function, _) in WELFARE_METHODS.items()}
 WELFARE_LABELS: dict[str, str] = {name: label for name, (_, label) in WELFARE_METHODS.items()}
 
@@ -384,7 +412,8 @@ def _method_phrase(method: str, alpha: float) -> str:
         "nash": "geometric-mean predicted agreement",
         "isoelastic": f"isoelastic welfare (alpha={alpha:g})",
         "borda": "mean Borda points",
-        "schulze": "number of candidates beaten (Schulze)",
+        "schulze": "number of other candidates that do not beat it (Schulze, Habermas Machine order)",
+        "schulze_wins": "number of candidates beaten (Schulze)",
     }[method]
 
 
@@ -434,7 +463,7 @@ def describe_choice(
             f"Head to head, {prefer_winner} participant(s) prefer it to the runner-up, "
             f"{prefer_runner_up} prefer the runner-up, {indifferent} are indifferent."
         )
-        if result.method == "schulze":
+        if result.method in SCHULZE_METHODS:
             tables = schulze_tables(matrix)
             forward = int(tables.strength[winner, runner_up])
             backward = int(tables.strength[runner_up, winner])

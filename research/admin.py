@@ -13,7 +13,7 @@ from accounts.permissions import ExperimentChoicesMixin, OwnedByResearcherAdmin
 from deliberation.models import AllowedExternalId, Arm, Experiment, GeneratorVersion, Question, RewardModelVersion
 
 from . import services
-from .models import DatasetExport
+from .models import DatasetExport, DatasetExportDownload
 
 
 @admin.register(Question)
@@ -186,3 +186,22 @@ class DatasetExportAdmin(OwnedByResearcherAdmin):
         if export.status != DatasetExport.Status.DONE:
             return "–"
         return format_html('<a href="{}">zip</a>', reverse("export_download", kwargs={"export_id": export.pk}))
+
+
+@admin.register(DatasetExportDownload)
+class DatasetExportDownloadAdmin(OwnedByResearcherAdmin):
+    """Who downloaded which export, when and from where: read-only, like the export log."""
+
+    experiment_path = "export__experiment"
+    list_display = ["downloaded_at", "export", "downloaded_by", "include_external_ids", "client_address"]
+    list_filter = ["include_external_ids"]
+    readonly_fields = [f.name for f in DatasetExportDownload._meta.fields]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ from deliberation.models import (
     Round,
 )
 from modeling.likert import AGREEMENT_SCALE_TEXT
+from modeling.welfare import WELFARE_METHODS
 
 from . import services
 from .models import DatasetExport
@@ -97,12 +99,66 @@ class ExportContext:
 
 
 @dataclass(frozen=True)
+class Reference:
+    """A foreign key: `fields` of this table hold values of `reference_fields` in table `resource`."""
+
+    fields: tuple[str, ...]
+    resource: str
+    reference_fields: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Table:
     name: str
     description: str
     columns: Callable[[ExportContext], Sequence[Column]]
     rows: Callable[[ExportContext], Iterator[tuple[Any, ...]]]
     count: Callable[[ExportContext], int]
+    # Declared in datapackage.json (Frictionless checks them) and in the README.
+    primary_key: tuple[str, ...] = ()
+    foreign_keys: tuple[Reference, ...] = ()
+
+
+def _refs(*pairs: tuple[str, str]) -> tuple[Reference, ...]:
+    """Foreign keys given as (column, "table.column")."""
+    return tuple(Reference((column, ), target.split(".")[0], (target.split(".")[1], )) for column, target in pairs)
+
+
+# --- Provenance and privacy ---------------------------------------------------------------------
+
+
+def code_version() -> str:
+    """The software that wrote the export: CONCORD_CODE_VERSION if set, else the git commit, else "unknown".
+
+    A checkout with uncommitted changes is marked "-dirty": its commit alone does not say what ran.
+    """
+    if settings.CONCORD_CODE_VERSION:
+        return settings.CONCORD_CODE_VERSION
+    try:
+        def git(*args: str) -> str:
+            return subprocess.run(
+                ["git", *args], cwd=settings.BASE_DIR, capture_output=True, text=True, check=True, timeout=10
+            ).stdout.strip()
+
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("-dirty" if dirty else "") if commit else "unknown"
+
+
+PSEUDONYM_KEY_WARNING = (
+    "This site runs without its own SECRET_KEY: it uses the demo's fixed fallback key, which is public "
+    "(config/settings.py). Participant pseudonyms are a keyed hash of the experiment and each participant's "
+    "database id, and database ids are small consecutive numbers, so anyone holding this export can recompute "
+    "the hash for every id and map each pseudonym back to its database row. Do not share this export as "
+    "pseudonymised data: set SECRET_KEY to a long random secret and export again."
+)
+
+
+def pseudonyms_reversible() -> bool:
+    """True when pseudonyms are keyed with the public fallback key, so they can be reversed."""
+    return settings.SECRET_KEY == settings.INSECURE_FALLBACK_SECRET_KEY
 
 
 def _iterate(queryset: QuerySet, ctx: ExportContext, *fields: str) -> Iterator[tuple[Any, ...]]:
@@ -114,6 +170,70 @@ def _json(value: Any) -> str:
 
 
 P = "Pseudonymous participant id (a keyed hash, stable within this experiment; see participants.participant_id)."
+
+
+# experiment ------------------------------------------------------------------------------------
+
+# (column, type, description) of the experiment's own settings, read straight from Experiment.
+_EXPERIMENT_SETTINGS: list[tuple[str, str, str]] = [
+    ("slug", "string", "The experiment's slug (its id in URLs and in experiment files)."),
+    ("name", "string", "Name chosen by the researcher."),
+    ("description", "string", "Description written by the researcher."),
+    ("status", "string", "active, paused or closed, at export."),
+    ("created_at", "datetime", "When the experiment was created, UTC."),
+    ("consent_text", "string", "The consent text participants agreed to before joining."),
+    ("group_size", "integer", "Participants per group."),
+    ("min_group_size", "integer", "Fewest participants a group may start with after the maximum wait."),
+    ("opinion_seconds", "integer", "Timer of the opinion phase, seconds."),
+    ("rating_seconds", "integer", "Timer of the rating phase, seconds."),
+    ("max_wait_seconds", "integer", "Longest wait for a group to fill, seconds (0: wait for a full group)."),
+    ("opinion_min_chars", "integer", "Shortest opinion accepted, characters."),
+    ("opinion_max_chars", "integer", "Longest opinion accepted, characters."),
+    ("question_split", "string", "Question filter: draw only questions of this split (blank: any)."),
+    ("question_topic", "string", "Question filter: draw only questions of this topic (blank: any)."),
+    ("require_allow_list", "boolean", "Only external ids on the allow-list could join."),
+    ("allow_several_seats_per_browser", "boolean", "One browser could hold several seats (demos only)."),
+    ("attention_check", "boolean", "Protocol switch: an instructed-response item on the rating page."),
+    ("rate_opinions", "boolean", "Protocol switch: participants also rated the other members' opinions (best-human-opinion protocol)."),
+    ("assignment_seed", "integer", "Seed of the balanced arm assignment draw."),
+    ("completion_url", "string", "Where finished participants were sent (e.g. the panel's completion link)."),
+]
+
+
+def _experiment_rows(ctx: ExportContext) -> Iterator[tuple[Any, ...]]:
+    e = ctx.experiment
+    yield (
+        *(getattr(e, name) for name, _, _ in _EXPERIMENT_SETTINGS),
+        e.questions.count(),
+        code_version(),
+        settings.CONCORD_GENERATOR_BACKEND,
+        settings.CONCORD_GENERATOR_MODEL,
+        settings.CONCORD_GENERATOR_ADAPTER,
+        settings.CONCORD_REWARD_MODEL,
+        settings.CONCORD_MAX_NEW_TOKENS,
+        not pseudonyms_reversible(),
+    )
+
+
+EXPERIMENT = Table(
+    name="experiment",
+    description="One row: the experiment's settings (timers, protocol switches, question filters, consent text), "
+    "the software version that exported it and the site's defaults that blank arm settings fall back to.",
+    columns=lambda ctx: [
+        *(Column(name, type_, description) for name, type_, description in _EXPERIMENT_SETTINGS),
+        Column("n_questions_attached", "integer", "Questions attached to the experiment (0: drawn from the whole bank, narrowed by the filters)."),
+        Column("code_version", "string", "Concord's version at export: the git commit (\"-dirty\": with uncommitted changes), the CONCORD_CODE_VERSION a deployment set, or \"unknown\"."),
+        Column("site_generator_backend", "string", "Site default generator backend at export (arms with a blank backend used the default at the time; candidates.backend records what ran)."),
+        Column("site_generator_model", "string", "Site default generator model at export (candidates.model_id records what ran)."),
+        Column("site_generator_adapter", "string", "Site default fine-tuned adapter at export (candidates.generator_version records what ran)."),
+        Column("site_reward_model", "string", "Site default reward model at export (predicted_agreement.reward_model records what ran)."),
+        Column("site_max_new_tokens", "integer", "Site token budget per statement at export (candidates.max_new_tokens records what ran)."),
+        Column("pseudonyms_keyed_with_site_secret", "boolean", "false: the site used the public fallback SECRET_KEY, so pseudonyms can be reversed (see README)."),
+    ],
+    rows=_experiment_rows,
+    count=lambda ctx: 1,
+    primary_key=("slug",),
+)
 
 
 # questions -------------------------------------------------------------------------------------
@@ -138,6 +258,7 @@ QUESTIONS = Table(
     ],
     rows=lambda ctx: _iterate(_questions(ctx), ctx, "external_id", "text", "affirming_statement", "negating_statement", "topic", "split", "source"),
     count=lambda ctx: _questions(ctx).count(),
+    primary_key=("question_id",),
 )
 
 
@@ -154,7 +275,7 @@ ARMS = Table(
         Column("generator_model", "string", "Generator model (blank: the site default; candidates.model_id records what ran)."),
         Column("reward_model", "string", "Reward model registry name (blank: the site default; predicted_agreement.reward_model records what ran)."),
         Column("reward_model_version_id", "integer", "Registered reward model version, if pinned."),
-        Column("welfare_method", "string", "Welfare function ranking the candidates: utilitarian, rawlsian, nash, isoelastic, borda or schulze."),
+        Column("welfare_method", "string", "Welfare function ranking the candidates: " + ", ".join(WELFARE_METHODS) + " (schulze: the Habermas Machine's level order; schulze_wins: by candidates beaten; docs/welfare.md)."),
         Column("welfare_alpha", "number", "Inequality aversion α of the isoelastic welfare function."),
         Column("welfare_tie_break", "string", "How exact welfare ties were broken: index (lower index first), random or tbrc, both seeded by the round's seed."),
         Column("n_candidates", "integer", "N: candidate statements written per round."),
@@ -169,6 +290,8 @@ ARMS = Table(
         "welfare_alpha", "welfare_tie_break", "n_candidates", "k_shown", "weight", "compare_with_id", "exclude_one_opinion",
     ),
     count=lambda ctx: Arm.objects.filter(experiment=ctx.experiment).count(),
+    primary_key=("arm_id",),
+    foreign_keys=_refs(("compare_with_arm_id", "arms.arm_id")),
 )
 
 
@@ -230,6 +353,8 @@ GROUPS = Table(
     ],
     rows=_group_rows,
     count=lambda ctx: _rounds(ctx).count(),
+    primary_key=("round_id",),
+    foreign_keys=_refs(("arm_id", "arms.arm_id"), ("question_id", "questions.question_id"), ("excluded_participant_id", "participants.participant_id")),
 )
 
 
@@ -294,6 +419,7 @@ PARTICIPANTS = Table(
     columns=_participant_columns,
     rows=_participant_rows,
     count=lambda ctx: _participants(ctx).count(),
+    primary_key=("participant_id",),
 )
 
 
@@ -305,10 +431,11 @@ def _opinions(ctx: ExportContext) -> QuerySet[Opinion]:
 
 
 def _opinion_rows(ctx: ExportContext) -> Iterator[tuple[Any, ...]]:
-    for pk, round_id, participant_id, text, created_at, excluded_id in _iterate(
-        _opinions(ctx), ctx, "pk", "round_id", "participant_id", "text", "created_at", "round__excluded_participant_id"
+    for pk, round_id, participant_id, text, created_at, excluded_id, position in _iterate(
+        _opinions(ctx), ctx, "pk", "round_id", "participant_id", "text", "created_at", "round__excluded_participant_id",
+        "generation_position",
     ):
-        yield pk, round_id, ctx.pseudonym(participant_id), text, created_at, participant_id == excluded_id
+        yield pk, round_id, ctx.pseudonym(participant_id), text, created_at, participant_id == excluded_id, position
 
 
 OPINIONS = Table(
@@ -321,9 +448,27 @@ OPINIONS = Table(
         Column("text", "string", "The opinion as submitted."),
         Column("created_at", "datetime", "When it was submitted, UTC."),
         Column("excluded_from_generation", "boolean", "Exclusion protocol: this opinion was left out of generation and ranking."),
+        Column(
+            "generation_position", "integer",
+            "Replay order: 0-based position of this opinion in the list given to the generator (sort a round's opinions by it "
+            "to replay; candidates.opinion_order and each sample's shuffle index this list). Blank: not given to the generator "
+            "(excluded, dropped out before mediation, or the round was not mediated).",
+        ),
     ],
     rows=_opinion_rows,
     count=lambda ctx: _opinions(ctx).count(),
+    primary_key=("opinion_id",),
+    foreign_keys=_refs(("round_id", "groups.round_id"), ("participant_id", "participants.participant_id")),
+)
+
+
+SAMPLING_SEED_RULE = (
+    "The seed the backend's sampler was given for this sample (blank: nothing was sampled, e.g. the stand-in generator, "
+    "or a row stored before seeds were recorded). Its scope depends on candidates.backend. vllm: this sample's own seed, "
+    "derive_seed(\"vllm\", seed, sample_index) mod 2^31. transformers: torch's RNG is seeded once per batch and every row "
+    "of the batch draws from it, so candidates sharing a sampling_seed were sampled together; replay that batch whole "
+    "(prompts in sample_index order). openai: the request's seed, shared by the choices of one request, honoured only "
+    "by servers that support seeds. derive_seed is modeling.generation.prompts.derive_seed (sha256 of the parts joined by \":\")."
 )
 
 
@@ -336,7 +481,8 @@ def _candidate_rows(ctx: ExportContext) -> Iterator[tuple[Any, ...]]:
         _candidates(ctx), ctx,
         "pk", "round_id", "index", "source_arm_id", "text", "backend", "model_id", "model_revision", "seed", "opinion_order",
         "prompt", "prompt_tokens", "completion_tokens", "latency_ms", "welfare", "welfare_method", "rank", "shown", "created_at",
-        "generator_version__name", "generator_version__sha256",
+        "generator_version__name", "generator_version__sha256", "sample_index", "sampling_seed", "temperature", "top_p",
+        "max_new_tokens",
     ):
         yield (*row[:9], _json([ctx.pseudonym(pid) for pid in row[9]]), *row[10:])
 
@@ -353,7 +499,12 @@ CANDIDATES = Table(
         Column("backend", "string", "Generator backend that wrote it."),
         Column("model_id", "string", "Generator model that wrote it."),
         Column("model_revision", "string", "Revision or sha256 of the generator weights."),
-        Column("seed", "integer", "Sampling seed of this candidate."),
+        Column(
+            "seed", "integer",
+            "Seed of the generation request that wrote it: the round's seed (groups.seed) for the room's arm; in a head-to-head "
+            "round the compared arm's request uses Python's random.Random(\"<round seed>:arm:<source_arm_id>\").getrandbits(31) "
+            "(MediationInput.seed_for). Opinion orders and sampling seeds derive from it (see sample_index and sampling_seed).",
+        ),
         Column("opinion_order", "string", "JSON array of participant ids, in the order their opinions appeared in the prompt. " + P),
         Column("prompt", "string", "The full prompt given to the generator."),
         Column("prompt_tokens", "integer", "Prompt length in tokens."),
@@ -366,9 +517,16 @@ CANDIDATES = Table(
         Column("created_at", "datetime", "When it was stored, UTC."),
         Column("generator_version", "string", "Fine-tuned generator version that wrote it (blank: an untuned base model)."),
         Column("generator_version_sha256", "string", "sha256 of that version's adapter files, checked before it was loaded."),
+        Column("sample_index", "integer", "Which sample of the request it is: its prompt's opinion order is a seeded shuffle of (seed, sample_index); rejected samples were replaced by fresh indices."),
+        Column("sampling_seed", "integer", SAMPLING_SEED_RULE),
+        Column("temperature", "number", "Sampling temperature asked for (0: greedy)."),
+        Column("top_p", "number", "Nucleus (top-p) threshold asked for."),
+        Column("max_new_tokens", "integer", "Token budget per statement."),
     ],
     rows=_candidate_rows,
     count=lambda ctx: _candidates(ctx).count(),
+    primary_key=("candidate_id",),
+    foreign_keys=_refs(("round_id", "groups.round_id"), ("source_arm_id", "arms.arm_id")),
 )
 
 
@@ -391,6 +549,8 @@ PREDICTED = Table(
         for c, p, s, m, v in _iterate(_predictions(ctx), ctx, "candidate_id", "participant_id", "score", "reward_model", "reward_model_version")
     ),
     count=lambda ctx: _predictions(ctx).count(),
+    primary_key=("candidate_id", "participant_id"),
+    foreign_keys=_refs(("candidate_id", "candidates.candidate_id"), ("participant_id", "participants.participant_id")),
 )
 
 
@@ -408,6 +568,8 @@ PRESENTATIONS = Table(
     ],
     rows=lambda ctx: ((ctx.pseudonym(p), c, pos + 1) for p, c, pos in _iterate(_presentations(ctx), ctx, "participant_id", "candidate_id", "position")),
     count=lambda ctx: _presentations(ctx).count(),
+    primary_key=("participant_id", "candidate_id"),
+    foreign_keys=_refs(("candidate_id", "candidates.candidate_id"), ("participant_id", "participants.participant_id")),
 )
 
 
@@ -434,6 +596,8 @@ AGREEMENT = Table(
         (r, ctx.pseudonym(p), c, a, t) for r, p, c, a, t in _iterate(_ratings(ctx), ctx, "pk", "participant_id", "candidate_id", "agreement", "created_at")
     ),
     count=lambda ctx: _ratings(ctx).count(),
+    primary_key=("rating_id",),
+    foreign_keys=_refs(("candidate_id", "candidates.candidate_id"), ("participant_id", "participants.participant_id")),
 )
 
 QUALITY = Table(
@@ -450,6 +614,8 @@ QUALITY = Table(
         (r, ctx.pseudonym(p), c, q, t) for r, p, c, q, t in _iterate(_ratings(ctx), ctx, "pk", "participant_id", "candidate_id", "quality", "created_at")
     ),
     count=lambda ctx: _ratings(ctx).count(),
+    primary_key=("rating_id",),
+    foreign_keys=_refs(("candidate_id", "candidates.candidate_id"), ("participant_id", "participants.participant_id")),
 )
 
 
@@ -468,6 +634,8 @@ OPINION_RATINGS = Table(
     ],
     rows=lambda ctx: ((ctx.pseudonym(p), o, a, t) for p, o, a, t in _iterate(_opinion_ratings(ctx), ctx, "participant_id", "opinion_id", "agreement", "created_at")),
     count=lambda ctx: _opinion_ratings(ctx).count(),
+    primary_key=("participant_id", "opinion_id"),
+    foreign_keys=_refs(("opinion_id", "opinions.opinion_id"), ("participant_id", "participants.participant_id")),
 )
 
 
@@ -497,6 +665,8 @@ RANKINGS = Table(
     ],
     rows=_ranking_rows,
     count=_ranking_count,
+    primary_key=("participant_id", "round_id", "candidate_id"),
+    foreign_keys=_refs(("round_id", "groups.round_id"), ("candidate_id", "candidates.candidate_id"), ("participant_id", "participants.participant_id")),
 )
 
 
@@ -528,6 +698,12 @@ PREFERENCES = Table(
     ],
     rows=_preference_rows,
     count=lambda ctx: _preferences(ctx).count(),
+    primary_key=("participant_id", "candidate_a_id", "candidate_b_id"),
+    foreign_keys=_refs(
+        ("participant_id", "participants.participant_id"), ("round_id", "groups.round_id"), ("candidate_a_id", "candidates.candidate_id"),
+        ("candidate_b_id", "candidates.candidate_id"), ("preferred_candidate_id", "candidates.candidate_id"),
+        ("arm_a_id", "arms.arm_id"), ("arm_b_id", "arms.arm_id"), ("preferred_arm_id", "arms.arm_id"),
+    ),
 )
 
 
@@ -548,6 +724,8 @@ ATTENTION = Table(
     ],
     rows=lambda ctx: ((ctx.pseudonym(p), r, e, a, ok, t) for p, r, e, a, ok, t in _iterate(_attention(ctx), ctx, "participant_id", "round_id", "expected", "answer", "passed", "created_at")),
     count=lambda ctx: _attention(ctx).count(),
+    primary_key=("participant_id", "round_id"),
+    foreign_keys=_refs(("participant_id", "participants.participant_id"), ("round_id", "groups.round_id")),
 )
 
 
@@ -619,6 +797,7 @@ TIMINGS = Table(
     ],
     rows=_timing_rows,
     count=_timing_count,
+    foreign_keys=_refs(("participant_id", "participants.participant_id"), ("round_id", "groups.round_id")),
 )
 
 
@@ -655,11 +834,13 @@ EXCLUSIONS = Table(
     ],
     rows=_exclusion_rows,
     count=lambda ctx: _participants(ctx).count(),
+    primary_key=("participant_id",),
+    foreign_keys=_refs(("participant_id", "participants.participant_id")),
 )
 
 
 TABLES: list[Table] = [
-    QUESTIONS, ARMS, GROUPS, PARTICIPANTS, OPINIONS, CANDIDATES, PREDICTED, PRESENTATIONS,
+    EXPERIMENT, QUESTIONS, ARMS, GROUPS, PARTICIPANTS, OPINIONS, CANDIDATES, PREDICTED, PRESENTATIONS,
     AGREEMENT, QUALITY, OPINION_RATINGS, RANKINGS, PREFERENCES, ATTENTION, TIMINGS,
 ]
 TABLES.append(EXCLUSIONS)  # kept apart from the list above: the analytics' exclusion rules and the bot flags
@@ -758,7 +939,7 @@ class _ParquetWriter(_Writer):
             "datetime": pa.timestamp("us", tz="UTC"),
         }
         self.pa = pa
-        self.schema = pa.schema([pa.field(c.name, types[c.type]) for c in columns])
+        self.schema = pa.schema([pa.field(c.name, types[c.type]) for c in columns]).with_metadata(_pandas_metadata(columns))
         self.writer = pq.ParquetWriter(str(path), self.schema)
 
     def write(self, rows: list[tuple[Any, ...]]) -> None:
@@ -768,6 +949,20 @@ class _ParquetWriter(_Writer):
 
     def close(self) -> None:
         self.writer.close()
+
+
+# pandas dtypes that hold a blank without changing the column's type: pandas (and so Frictionless,
+# which reads Parquet through pandas) would otherwise turn an integer column with a blank into floats.
+_PANDAS_DTYPES = {"integer": "Int64", "number": "float64", "string": "object", "boolean": "boolean", "datetime": "datetime64[us, UTC]"}
+
+
+def _pandas_metadata(columns: Sequence[Column]) -> dict[bytes, bytes]:
+    """The `pandas` schema metadata pyarrow writes for a DataFrame of these nullable dtypes."""
+    import pandas as pd
+    import pyarrow as pa
+
+    frame = pd.DataFrame({c.name: pd.Series([], dtype=_PANDAS_DTYPES[c.type]) for c in columns})
+    return {b"pandas": pa.Schema.from_pandas(frame, preserve_index=False).metadata[b"pandas"]}
 
 
 WRITERS: dict[str, type[_Writer]] = {"csv": _CsvWriter, "jsonl": _JsonlWriter, "parquet": _ParquetWriter}
@@ -798,12 +993,60 @@ def _write_table(table: Table, ctx: ExportContext, path: Path, fmt: str, on_rows
 
 # --- Data dictionary --------------------------------------------------------------------------------
 
+REPLAY_NOTE = (
+    "A round's candidates are reproduced from: the question (`groups.question_id`), the opinions given to the "
+    "generator in `opinions.generation_position` order (the excluded member's and dropouts' have none), the "
+    "request seed `candidates.seed`, each candidate's `sample_index` (its prompt's opinion order is a seeded "
+    "shuffle of seed and sample index; `candidates.prompt` is the exact prompt) and `sampling_seed` with the "
+    "sampling settings (`temperature`, `top_p`, `max_new_tokens`), the model (`backend`, `model_id`, "
+    "`model_revision`, `generator_version`) and the software (`experiment.code_version`). The ranking follows "
+    "from `predicted_agreement` and the arm's welfare method and tie-break, seeded by the round's seed."
+)
+
+# Hugging Face `datasets` types of each column type, by format: CSV and JSON lines hold times as text.
+_HF_DTYPES = {"integer": "int64", "number": "float64", "string": "string", "boolean": "bool", "datetime": "string"}
+
+
+def _hf_dtype(column: Column, fmt: str) -> str:
+    if column.type == "datetime" and fmt == "parquet":
+        return "timestamp[us, tz=UTC]"
+    return _HF_DTYPES[column.type]
+
+
+def _dataset_card_header(ctx: ExportContext, fmt: str) -> list[str]:
+    """YAML front matter that Hugging Face `datasets` reads: one configuration per table, with its types.
+
+    With it, `load_dataset("<unzipped folder>", "<table>")` loads a table by name, and an empty table still has
+    its columns (load it with streaming=True: datasets refuses a split with no rows).
+    """
+    lines = ["---", "configs:"]
+    for table in TABLES:
+        lines += [f"- config_name: {table.name}", f"  data_files: {table.name}.{fmt}"]
+    lines.append("dataset_info:")
+    for table in TABLES:
+        lines += [f"- config_name: {table.name}", "  features:"]
+        for column in table.columns(ctx):
+            lines += [f"  - name: {column.name}", f"    dtype: {_hf_dtype(column, fmt)}"]
+    return [*lines, "---", ""]
+
+
+def _loading_note(fmt: str) -> str:
+    return (
+        "Frictionless: `frictionless validate datapackage.json` checks every table against its schema, primary and "
+        "foreign keys. Hugging Face datasets: `load_dataset(\"<this folder>\", \"participants\", split=\"train\")` "
+        "(the YAML header above declares one configuration per table, with its column types). A table without rows "
+        "loads with `streaming=True` (datasets refuses a split with no rows otherwise)."
+        + (" In CSV, blank cells are missing values; booleans are `true`/`false`." if fmt == "csv" else "")
+    )
+
 
 def data_dictionary(ctx: ExportContext, fmt: str, row_counts: dict[str, int], created_at: datetime) -> tuple[str, dict[str, Any]]:
     """README.md text and the Frictionless datapackage.json, both from the table declarations."""
     experiment = ctx.experiment
     uses_hm_bank = _questions(ctx).filter(source__icontains="habermas").exists()
+    version = code_version()
     lines = [
+        *_dataset_card_header(ctx, fmt),
         f"# Dataset: {experiment.name} (`{experiment.slug}`)",
         "",
         f"Exported by Concord on {created_at.isoformat()} as {fmt}. One file per table; this README and "
@@ -813,7 +1056,12 @@ def data_dictionary(ctx: ExportContext, fmt: str, row_counts: dict[str, int], cr
         + ("External ids (recruitment panel ids) are **included** on request." if ctx.include_external_ids else "External ids are not included."),
         "Times are UTC (ISO 8601). Agreement is on a 7-point scale: 1 strongly disagree … 7 strongly agree.",
         "",
+        f"Written by Concord version `{version}` (the `experiment` table repeats it with the experiment's settings).",
+        "",
     ]
+    if pseudonyms_reversible():
+        lines += ["## Privacy warning: pseudonyms can be reversed", "", PSEUDONYM_KEY_WARNING, ""]
+    lines += ["## Reproducing a round", "", REPLAY_NOTE, "", "## Loading", "", _loading_note(fmt), ""]
     if fmt == "csv":
         lines += ["## Spreadsheet safety", "", CSV_ESCAPING_NOTE, ""]
     if uses_hm_bank:
@@ -827,20 +1075,48 @@ def data_dictionary(ctx: ExportContext, fmt: str, row_counts: dict[str, int], cr
                   "| column | type | description |", "| --- | --- | --- |"]
         lines += [f"| `{c.name}` | {c.type} | {c.description.replace('|', '/')} |" for c in columns]
         lines.append("")
-        resources.append({
+        if table.primary_key:
+            lines += [f"Primary key: {', '.join(f'`{k}`' for k in table.primary_key)}.", ""]
+        if table.foreign_keys:
+            lines += ["Foreign keys: " + "; ".join(
+                f"`{', '.join(r.fields)}` → `{r.resource}.{', '.join(r.reference_fields)}`" for r in table.foreign_keys
+            ) + ".", ""]
+        schema: dict[str, Any] = {"fields": [{"name": c.name, "type": c.type, "description": c.description} for c in columns]}
+        if table.primary_key:
+            schema["primaryKey"] = list(table.primary_key)
+        if table.foreign_keys:
+            schema["foreignKeys"] = [
+                # Frictionless names a reference to the same table with an empty resource.
+                {"fields": list(r.fields), "reference": {"resource": "" if r.resource == table.name else r.resource, "fields": list(r.reference_fields)}}
+                for r in table.foreign_keys
+            ]
+        resource: dict[str, Any] = {
             "name": table.name,
             "path": path,
             "profile": "tabular-data-resource",
             "format": fmt,
             **({"mediatype": "text/csv", "encoding": "utf-8"} if fmt == "csv" else {}),
             "description": table.description,
-            "schema": {"fields": [{"name": c.name, "type": c.type, "description": c.description} for c in columns]},
-        })
-    package = {
+            "schema": schema,
+        }
+        if fmt == "jsonl" and not row_counts.get(table.name, 0):
+            # JSON lines have no header, and Frictionless cannot read a file without lines: an empty table is
+            # declared with its header inline (and its .jsonl file is empty), so the package still validates.
+            del resource["path"]
+            resource["format"] = "inline"
+            resource["data"] = [[c.name for c in columns]]
+            resource["description"] += f" (No rows: `{path}` is empty.)"
+        resources.append(resource)
+    concord: dict[str, Any] = {"code_version": version, "pseudonyms_reversible": pseudonyms_reversible()}
+    if pseudonyms_reversible():
+        concord["privacy_warning"] = PSEUDONYM_KEY_WARNING
+    package: dict[str, Any] = {
         "profile": "tabular-data-package",
         "name": f"concord-{experiment.slug}".lower(),
         "title": f"Concord dataset: {experiment.name}",
         "created": created_at.isoformat(),
+        "version": version,
+        "concord": concord,
         "resources": resources,
     }
     if uses_hm_bank:

@@ -50,3 +50,22 @@ class DatasetExport(models.Model):
 
     def __str__(self) -> str:
         return f"Export {self.pk} of {self.experiment.slug} ({self.format}, {self.status})"
+
+
+class DatasetExportDownload(models.Model):
+    """The audit log of export downloads: every time an export's file was handed to someone, who, when,
+    from which address, and whether it held external ids. Written by the download view before the file
+    is sent; nobody can change or delete it (the admin is read-only)."""
+
+    export = models.ForeignKey(DatasetExport, on_delete=models.CASCADE, related_name="downloads")
+    downloaded_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    # The export's flag, copied: the log says what left the building even if the export row is read alone.
+    include_external_ids = models.BooleanField()
+    client_address = models.GenericIPAddressField(null=True, blank=True)
+    downloaded_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-downloaded_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"Download of export {self.export_id} by {self.downloaded_by or 'unknown'}"

@@ -20,7 +20,7 @@ from deliberation.inputs import clean_text
 from deliberation.models import AllowedExternalId, Experiment
 from deliberation.services import InvalidInput, ServiceError
 
-from .models import DatasetExport
+from .models import DatasetExport, DatasetExportDownload
 
 
 def allow_list_add(*, experiment: Experiment, external_ids: Iterable[str]) -> int:
@@ -119,3 +119,14 @@ __all__ = [
     "dataset_export_request",
     "experiment_pause",
 ]
+
+
+def dataset_export_download_record(*, export: DatasetExport, downloaded_by: User | AnonymousUser, client_address: str | None) -> DatasetExportDownload:
+    """Audit one download of an export's file (called before the file is sent)."""
+    with transaction.atomic():
+        return DatasetExportDownload.objects.create(
+            export=export,
+            downloaded_by=downloaded_by if downloaded_by.is_authenticated else None,
+            include_external_ids=export.include_external_ids,
+            client_address=client_address,
+        )

@@ -13,26 +13,27 @@ from django.core.exceptions import PermissionDenied
 from django.http import FileResponse, Http404, HttpResponse, HttpResponseBadRequest
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
-from django.views.decorators.http import require_GET, require_http_methods, require_POST
+from django.views.decorators.http import require_http_methods, require_POST, require_safe
 
 from accounts import permissions
+from deliberation import ratelimit
 from deliberation.http import HtmxHttpRequest
 from deliberation.models import Experiment
 
 from . import analytics, plots, selectors, services
-from .exports import export_for
+from .exports import PSEUDONYM_KEY_WARNING, export_for, pseudonyms_reversible
 from .models import DatasetExport
 
 
 @login_required
-@require_GET
+@require_safe
 def researcher_home(request: HtmxHttpRequest) -> HttpResponse:
     experiments = selectors.experiments_for(request.user)
     return render(request, "research/researcher_home.html", {"experiments": experiments})
 
 
 @login_required
-@require_GET
+@require_safe
 def experiment_detail(request: HtmxHttpRequest, slug: str) -> HttpResponse:
     experiment = get_object_or_404(selectors.experiments_for(request.user), slug=slug)
     join_url = request.build_absolute_uri(reverse("join", kwargs={"slug": experiment.slug}))
@@ -52,7 +53,7 @@ def _own_experiment(request: HtmxHttpRequest, slug: str, *, change: bool = False
 
 
 @login_required
-@require_GET
+@require_safe
 def cohort_monitor(request: HtmxHttpRequest, slug: str) -> HttpResponse:
     experiment = _own_experiment(request, slug)
     template = "research/partials/cohort_body.html" if request.htmx else "research/cohort.html"
@@ -83,7 +84,7 @@ def _analytics_report(request: HtmxHttpRequest, experiment: Experiment) -> analy
 
 
 @login_required
-@require_GET
+@require_safe
 def analytics_page(request: HtmxHttpRequest, slug: str) -> HttpResponse:
     experiment = _own_experiment(request, slug)
     report = _analytics_report(request, experiment)
@@ -102,7 +103,7 @@ def analytics_page(request: HtmxHttpRequest, slug: str) -> HttpResponse:
 
 
 @login_required
-@require_GET
+@require_safe
 def analytics_csv(request: HtmxHttpRequest, slug: str) -> HttpResponse:
     experiment = _own_experiment(request, slug)
     response = HttpResponse(analytics.report_csv(_analytics_report(request, experiment)), content_type="text/csv; charset=utf-8")
@@ -116,7 +117,7 @@ def _plot_title(experiment: Experiment, report: analytics.ExperimentReport, plot
 
 
 @login_required
-@require_GET
+@require_safe
 def analytics_plot(request: HtmxHttpRequest, slug: str, plot: str, fmt: str) -> HttpResponse:
     experiment = _own_experiment(request, slug)
     if plot not in plots.PLOTS or fmt not in plots.FORMATS:
@@ -130,7 +131,7 @@ def analytics_plot(request: HtmxHttpRequest, slug: str, plot: str, fmt: str) -> 
 
 
 @login_required
-@require_http_methods(["GET", "POST"])
+@require_http_methods(["GET", "HEAD", "POST"])
 def exports_page(request: HtmxHttpRequest, slug: str) -> HttpResponse:
     experiment = _own_experiment(request, slug, change=request.method == "POST")
     if request.method == "POST":
@@ -146,11 +147,16 @@ def exports_page(request: HtmxHttpRequest, slug: str) -> HttpResponse:
         return redirect("exports_page", slug=experiment.slug)
     template = "research/partials/exports_table.html" if request.htmx else "research/exports.html"
     formats = list(DatasetExport.Format.choices)
-    return render(request, template, {"experiment": experiment, "exports": selectors.exports_for(experiment), "formats": formats})
+    # On a site with the public fallback key, pseudonyms can be mapped back to participants: say so before anyone exports.
+    pseudonym_warning = PSEUDONYM_KEY_WARNING if pseudonyms_reversible() else ""
+    return render(
+        request, template,
+        {"experiment": experiment, "exports": selectors.exports_for(experiment), "formats": formats, "pseudonym_warning": pseudonym_warning},
+    )
 
 
 @login_required
-@require_GET
+@require_safe
 def export_download(request: HtmxHttpRequest, export_id: int) -> FileResponse:
     export = selectors.export_visible_to(request.user, export_id)
     if export is None:
@@ -160,4 +166,6 @@ def export_download(request: HtmxHttpRequest, export_id: int) -> FileResponse:
     path = export_for(export)
     if path is None:
         raise Http404("This export has no file (yet, or any more).")
+    if request.method == "GET":  # a HEAD hands over no file
+        services.dataset_export_download_record(export=export, downloaded_by=request.user, client_address=ratelimit.client_ip_address(request))
     return FileResponse(path.open("rb"), as_attachment=True, filename=path.name, content_type="application/zip")

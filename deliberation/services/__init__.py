@@ -8,6 +8,7 @@ still in, when a deadline has passed) are methods of the models.
 - joining: arm and question draws, rooms, seats, presence, page views
 - phases: opening a round, opinions, deadlines and timers, dropouts, the end of a round
 - mediation: claiming a round for the pipeline, progress, storing candidates, failures
+- seats: a researcher's one-time link that moves a seat to a new browser
 - rating: ratings, rankings, and the rating-phase protocols (preferences, opinion ratings, attention)
 
 This package re-exports the public functions, so callers write `services.opinion_submit(...)`.
@@ -47,6 +48,7 @@ from .rating import (
     ranking_submit,
     rating_submit,
 )
+from .seats import seat_transfer_issue, seat_transfer_redeem
 
 __all__ = [
     "ArmDraw",
@@ -78,4 +80,6 @@ __all__ = [
     "round_deadline_fire",
     "round_finish",
     "round_start",
+    "seat_transfer_issue",
+    "seat_transfer_redeem",
 ]

@@ -13,7 +13,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from .. import events
-from ..models import Arm, Candidate, Participant, PredictedAgreement, Presentation, Round
+from ..models import Arm, Candidate, Opinion, Participant, PredictedAgreement, Presentation, Round
 from .phases import round_finish, round_phase_set
 
 if TYPE_CHECKING:
@@ -70,6 +70,11 @@ def mediation_claim(*, round_id: int) -> MediationInput | None:
             round_.excluded_participant_id = random.Random(f"{round_.seed}:exclude").choice(writer_ids)
         round_.save(update_fields=["mediation_attempts", "progress_stage", "progress_at", "excluded_participant"])
         included = [o for o in opinions if o.participant_id != round_.excluded_participant_id]
+        # Record the order the generator sees (the export's replay key); a retry writes the same positions.
+        round_.opinions.update(generation_position=None)
+        for position, opinion in enumerate(included):
+            opinion.generation_position = position
+        Opinion.objects.bulk_update(included, ["generation_position"])
         return MediationInput(
             round_id=round_.pk,
             question=round_.room.question.text,
@@ -162,6 +167,11 @@ def candidates_store(*, mediation: MediationInput, results: Sequence[SourcedResu
                         prompt_tokens=generated.prompt_tokens,
                         completion_tokens=generated.completion_tokens,
                         latency_ms=generated.latency_ms,
+                        sample_index=generated.sample_index,
+                        sampling_seed=generated.sampling_seed,
+                        temperature=result.sampling.temperature,
+                        top_p=result.sampling.top_p,
+                        max_new_tokens=result.sampling.max_new_tokens,
                         welfare=float(result.welfare.welfare[local_index]),
                         welfare_method=arm.welfare_method,
                         rank=rank_of.get(local_index),

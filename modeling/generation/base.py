@@ -49,6 +49,11 @@ class Candidate:
     completion_tokens: int
     latency_ms: float
     finish_reason: FinishReason = "stop"
+    # Which sample of the request this is (its opinion order is opinion_order(seed, sample_index, n));
+    # rejected samples are replaced by fresh indices, so it can differ from the candidate's position.
+    sample_index: int | None = None
+    # The seed the backend's sampler was given for this sample (see cleaning.RawSample.sampling_seed).
+    sampling_seed: int | None = None
 
 
 class GenerationError(RuntimeError):

@@ -69,6 +69,10 @@ class RawSample:
     error: str | None = None
     # Overrides the generator's revision when the server reports its own (OpenAI backend).
     model_revision: str | None = None
+    # The seed the backend's sampler was given for this sample (None: nothing was sampled). Each
+    # backend documents its scope: vllm seeds each sample alone; transformers seeds the torch RNG once
+    # per batch, which every row of the batch draws from; openai seeds one request (its n choices).
+    sampling_seed: int | None = None
 
 
 @dataclass
@@ -291,7 +295,8 @@ def build_candidates(
 ) -> list[Candidate]:
     """Candidates with full provenance. `seed` is the request seed: together with the
     request it reproduces the whole set (each sample's own order and sampling seed are
-    derived from it and the sample index)."""
+    derived from it and the sample index); each candidate also records its own sample
+    index and the seed its sampler was given."""
     return [
         Candidate(
             text=sample.text,
@@ -305,6 +310,8 @@ def build_candidates(
             completion_tokens=sample.raw.completion_tokens,
             latency_ms=sample.raw.latency_ms,
             finish_reason="length" if sample.raw.hit_token_limit else "stop",
+            sample_index=sample.raw.sample_index,
+            sampling_seed=sample.raw.sampling_seed,
         )
         for sample in samples
     ]

@@ -213,28 +213,24 @@ class OpenAIGenerator:
             groups.setdefault(tuple(plan.opinion_order), []).append(plan)
         results: list[RawSample] = []
         finished = 0
+        # Seeded by the group's first sample index, so every request differs and is reproducible
+        # on servers that honour `seed`.
+        seeds = {key: derive_seed("openai", request.seed, members[0].sample_index) % (2**31) for key, members in groups.items()}
         with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(groups))) as pool:
             futures = {
-                pool.submit(
-                    self.chat,
-                    members[0].messages,
-                    n=len(members),
-                    sampling=request.sampling,
-                    # Seeded by the group's first sample index, so every request differs and is reproducible
-                    # on servers that honour `seed`.
-                    seed=derive_seed("openai", request.seed, members[0].sample_index) % (2**31),
-                ): members
-                for members in groups.values()
+                pool.submit(self.chat, members[0].messages, n=len(members), sampling=request.sampling, seed=seeds[key]): key
+                for key, members in groups.items()
             }
             for future in as_completed(futures):
-                members = futures[future]
+                key = futures[future]
+                members = groups[key]
                 response = future.result()  # GenerationError propagates: the server is unusable
-                results.extend(self._to_samples(members, response))
+                results.extend(self._to_samples(members, response, seed=seeds[key]))
                 finished += len(members)
                 on_finished(finished)
         return results
 
-    def _to_samples(self, members: list[PromptPlan], response: ChatResponse) -> list[RawSample]:
+    def _to_samples(self, members: list[PromptPlan], response: ChatResponse, *, seed: int | None = None) -> list[RawSample]:
         revision = response.model + (f"@{response.system_fingerprint}" if response.system_fingerprint else "")
         with self._revision_lock:
             self.model_revision = revision
@@ -247,7 +243,7 @@ class OpenAIGenerator:
                 samples.append(
                     RawSample("", plan.sample_index, prompt, plan.opinion_order, response.prompt_tokens, 0,
                               response.latency_ms, False, error="server returned fewer choices than requested",
-                              model_revision=revision)
+                              model_revision=revision, sampling_seed=seed)
                 )
                 continue
             choice = response.choices[position]
@@ -266,6 +262,7 @@ class OpenAIGenerator:
                     latency_ms=response.latency_ms,
                     hit_token_limit=choice.finish_reason == "length",
                     model_revision=revision,
+                    sampling_seed=seed,
                 )
             )
         return samples

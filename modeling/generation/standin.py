@@ -95,6 +95,8 @@ class StandInGenerator:
                     prompt_tokens=len(prompt.split()),
                     completion_tokens=len(text.split()),
                     latency_ms=(time.perf_counter() - started) * 1000.0,
+                    # Deterministic text: nothing is sampled, so there is no sampling seed.
+                    sample_index=sample_index,
                 )
             )
             if on_progress is not None:

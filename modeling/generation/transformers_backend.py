@@ -295,8 +295,11 @@ class TransformersGenerator:
                     completion_tokens=completion.completion_tokens,
                     latency_ms=completion.latency_ms,
                     hit_token_limit=completion.hit_token_limit,
+                    # Batched: one torch seed for the whole batch (its rows draw from one RNG); one by one:
+                    # each row's own seed, as sample_prompts derives it.
+                    sampling_seed=round_seed if batched else derive_seed(round_seed, "row", row),
                 )
-                for plan, prompt, completion in zip(plans, prompts, completions)
+                for row, (plan, prompt, completion) in enumerate(zip(plans, prompts, completions))
             ]
 
         samples = collect_statements(

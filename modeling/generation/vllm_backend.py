@@ -111,7 +111,7 @@ class VLLMGenerator:
             seeds = [derive_seed("vllm", request.seed, plan.sample_index) % (2**31) for plan in plans]
             outputs, latency_ms = self.sample_prompts(prompts, sampling=request.sampling, seeds=seeds)
             samples = []
-            for plan, prompt, output in zip(plans, prompts, outputs):
+            for plan, prompt, output, seed in zip(plans, prompts, outputs, seeds):
                 completion = output.outputs[0]
                 samples.append(
                     RawSample(
@@ -123,6 +123,7 @@ class VLLMGenerator:
                         completion_tokens=len(completion.token_ids),
                         latency_ms=latency_ms,
                         hit_token_limit=completion.finish_reason == "length",
+                        sampling_seed=seed,
                     )
                 )
             return samples

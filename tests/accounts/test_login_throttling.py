@@ -57,7 +57,7 @@ def test_a_request_without_a_usable_address_still_logs_in_and_is_throttled(setti
     must not see "unknown" (it was a 500 there)."""
     from deliberation.ratelimit import client_ip_address
 
-    settings.TRUST_X_FORWARDED_FOR = True
+    settings.TRUSTED_PROXY_COUNT = 1
     UserFactory(username="socket-user")
     client = Client(REMOTE_ADDR="", HTTP_X_FORWARDED_FOR="not-an-address")
     assert client.post("/accounts/login/", {"username": "socket-user", "password": PASSWORD}).status_code == 302

@@ -152,3 +152,15 @@ def test_an_editor_cannot_take_ownership_in_the_admin(victim_study, outsider_res
     assert _logged_in(viewer).get(f"/admin/deliberation/experiment/{victim_study.pk}/change/").status_code == 200
     assert _logged_in(viewer).post(f"/admin/deliberation/experiment/{victim_study.pk}/change/", {"name": "hijacked"}).status_code == 403
     assert Experiment.objects.get(pk=victim_study.pk).name == "Victim study"
+
+
+def test_admin_sidebar_filters_do_not_name_other_researchers_experiments(victim_study, staff_attacker) -> None:
+    """Django's relation filters list every experiment by name; the admin's lists offer only the researcher's own."""
+    services.participant_join(experiment=victim_study)
+    own = Experiment.objects.get(slug="attackers-own")
+    services.participant_join(experiment=own)
+    page = _logged_in(staff_attacker).get("/admin/deliberation/room/")
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert str(own) in html
+    assert str(victim_study) not in html and f"experiment__id__exact={victim_study.pk}" not in html

@@ -113,3 +113,32 @@ async def test_the_monitor_socket_is_for_the_owner_only(participant, researcher,
     await database_sync_to_async(services.opinion_submit)(participant=participant.participant, text=OPINIONS[1])
     assert "cut waste" in await _receive_until(monitor, "cut waste")
     await monitor.disconnect()
+
+
+async def test_a_flood_of_resync_frames_costs_a_few_renders_not_one_each(participant, monkeypatch, settings) -> None:
+    """The review's attack: 200 ten-byte resync frames from one socket cost 200 full renders. Now a burst is
+    served by one render at once and one at the end of the interval, however many frames asked."""
+    from deliberation.consumers import ParticipantConsumer
+
+    settings.CONCORD_RESYNC_MIN_INTERVAL_SECONDS = 0.3
+    renders: list[bool] = []
+    original = ParticipantConsumer._render
+
+    def counting_render(self, full: bool) -> str:
+        renders.append(full)
+        return original(self, full)
+
+    monkeypatch.setattr(ParticipantConsumer, "_render", counting_render)
+    communicator, connected, _ = await _connect(f"/ws/p/{participant.participant.code}/", ORIGIN, _cookie_for(participant.client))
+    assert connected
+    await communicator.receive_from(timeout=10)  # the full state on connect
+    for _ in range(200):
+        await communicator.send_to(text_data='"resync"')
+    frames = [await communicator.receive_from(timeout=10)]
+    while not await communicator.receive_nothing(timeout=1.5):
+        frames.append(await communicator.receive_from(timeout=10))
+    # Full renders: the one on connect, then at most two for the 200 frames (others are renders for room
+    # events, such as this socket's own presence, which carry the status only).
+    assert 2 <= renders.count(True) <= 3
+    assert 'id="main"' in frames[-1]  # the last answer is a full render
+    await communicator.disconnect()

@@ -47,7 +47,8 @@ def test_a_silent_member_sees_they_were_dropped_and_gets_no_code(group, tmp_path
     finished = writers[0].client.get(reverse("participant", args=[writers[0].participant.code])).content.decode()
     assert "completion-code" in finished and writers[0].participant.completion_code() in finished
 
-    call_command("export_dataset", "--experiment", silent.participant.room.experiment.slug, "--format", "csv", "--out", str(tmp_path))
+    experiment = silent.participant.room.experiment
+    call_command("export_dataset", "--experiment", experiment.slug, "--format", "csv", "--out", str(tmp_path), "--as-user", experiment.owner.username)
     tables, _, readme = read_export_zip(Path(DatasetExport.objects.get().path), "csv")
     assert "completion_status" in tables["participants:header"]
     status = {row["label"]: row["completion_status"] for row in tables["participants"]}

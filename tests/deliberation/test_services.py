@@ -11,6 +11,7 @@ from django.utils import timezone
 from deliberation import services
 from deliberation.models import Candidate, Experiment, Opinion, Participant, Presentation, Rating, Room, Round
 from deliberation.tasks import mediate_round
+from modeling.generation.prompts import derive_seed
 from research import services as research_services
 from tests.conftest import OPINIONS
 
@@ -180,6 +181,16 @@ def test_mediation_stores_candidates_with_provenance_and_opens_rating(group, rat
         assert candidate.prompt and candidate.latency_ms > 0
         assert candidate.predictions.count() == len(group)
         assert all(1 <= p.score <= 7 for p in candidate.predictions.all())
+    # What a replay needs (the export's candidates and opinions columns): the sample, its sampler's seed, the
+    # sampling settings the task asked for, and the order the generator was given the opinions in.
+    first_batch_seed = derive_seed("transformers", rated_round.seed, 0)
+    for candidate in candidates:
+        assert candidate.sample_index is not None and candidate.sampling_seed is not None
+        if candidate.sample_index < arm.n_candidates:
+            assert candidate.sampling_seed == first_batch_seed
+        assert (candidate.temperature, candidate.top_p, candidate.max_new_tokens) == (0.9, 0.95, 40)
+    positions = dict(rated_round.opinions.values_list("participant_id", "generation_position"))
+    assert [pid for pid, _ in sorted(positions.items(), key=lambda item: item[1])] == participant_ids
     ranks = sorted(c.rank for c in candidates)
     assert ranks == list(range(1, len(candidates) + 1))
     shown = [c for c in candidates if c.shown]

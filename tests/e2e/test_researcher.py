@@ -61,7 +61,7 @@ def _join(stack: Stack, person: Person, pid: str) -> None:
 
 def test_a_researcher_runs_a_cohort_from_the_browser(stack: Stack, new_person, tmp_path: Path) -> None:
     _manage(stack, "shell", "-c", SETUP)
-    imported = _manage(stack, "import_questions", str(HM_BANK), "--split", "iid_test", "--experiment", SLUG)
+    imported = _manage(stack, "import_questions", str(HM_BANK), "--split", "iid_test", "--experiment", SLUG, "--as-user", "researcher")
     assert "Attached 565 questions" in imported
 
     researcher = new_person("researcher-pages")

@@ -275,7 +275,7 @@ def dominance_cases(draw, strict_everywhere: bool):
     return scores, better, worse
 
 
-STRONG_PARETO_METHODS = ["utilitarian", "nash", "isoelastic", "borda", "schulze"]
+STRONG_PARETO_METHODS = ["utilitarian", "nash", "isoelastic", "borda", "schulze", "schulze_wins"]
 
 
 @settings(max_examples=150, deadline=None)

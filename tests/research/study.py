@@ -139,7 +139,7 @@ def read_export_zip(path: Path, fmt: str) -> tuple[dict[str, list[dict]], dict, 
         readme = archive.read(f"{prefix}/README.md").decode()
         tables: dict[str, list[dict]] = {}
         for resource in package["resources"]:
-            data = archive.read(f"{prefix}/{resource['path']}")
+            data = archive.read(f"{prefix}/{resource.get('path', resource['name'] + '.' + fmt)}")
             if fmt == "csv":
                 reader = csv.DictReader(io.StringIO(data.decode()))
                 tables[resource["name"]] = [dict(row) for row in reader]

@@ -286,11 +286,11 @@ def test_a_cohort_from_start_to_finish(tmp_path: Path, researcher, client) -> No
     assert excluded_round.excluded_participant_id is not None
 
     # 4. The export has every table, and every column appears in the data dictionary.
-    call_command("export_dataset", "--experiment", "cohort-study", "--format", "csv", "--out", str(tmp_path), stdout=StringIO())
+    call_command("export_dataset", "--experiment", "cohort-study", "--format", "csv", "--out", str(tmp_path), "--as-user", experiment.owner.username, stdout=StringIO())
     export = DatasetExport.objects.get(experiment=experiment)
     tables, package, readme = read_export_zip(Path(export.path), "csv")
     assert {r["name"] for r in package["resources"]} == {
-        "questions", "arms", "groups", "participants", "opinions", "candidates", "predicted_agreement", "presentations",
+        "experiment", "questions", "arms", "groups", "participants", "opinions", "candidates", "predicted_agreement", "presentations",
         "agreement_ratings", "quality_ratings", "opinion_ratings", "rankings", "pairwise_preferences", "attention_checks", "timings",
         "exclusions",
     }

@@ -27,7 +27,7 @@ ATTACKS = [
 
 
 def _export(experiment, out: Path, fmt: str) -> tuple[dict, str]:
-    call_command("export_dataset", "--experiment", experiment.slug, "--format", fmt, "--out", str(out / fmt))
+    call_command("export_dataset", "--experiment", experiment.slug, "--format", fmt, "--out", str(out / fmt), "--as-user", experiment.owner.username)
     tables, _, readme = read_export_zip(Path(DatasetExport.objects.order_by("-id").first().path), fmt)
     return tables, readme
 
@@ -46,7 +46,7 @@ def test_formulas_in_opinions_and_external_ids_are_escaped_in_csv_only(group, tm
     assert all(not row["text"].startswith(("=", "+", "-", "@", "\t", "\r")) for row in tables["opinions"])
     assert "Spreadsheet safety" in readme and "single quote" in readme
 
-    call_command("export_dataset", "--experiment", experiment.slug, "--format", "csv", "--out", str(tmp_path / "ids"), "--include-external-ids")
+    call_command("export_dataset", "--experiment", experiment.slug, "--format", "csv", "--out", str(tmp_path / "ids"), "--include-external-ids", "--as-user", experiment.owner.username)
     with_ids, _, _ = read_export_zip(Path(DatasetExport.objects.order_by("-id").first().path), "csv")
     assert sorted(row["external_id"] for row in with_ids["participants"] if row["external_id"][:1] == "'") == ["'=cmd|' /C calc'!A0", "'@evil"]
 

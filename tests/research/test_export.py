@@ -22,7 +22,7 @@ from tests.research.study import build_study, read_export_zip
 pytestmark = pytest.mark.django_db
 
 TABLE_NAMES = {
-    "questions", "arms", "groups", "participants", "opinions", "candidates", "predicted_agreement", "presentations",
+    "experiment", "questions", "arms", "groups", "participants", "opinions", "candidates", "predicted_agreement", "presentations",
     "agreement_ratings", "quality_ratings", "opinion_ratings", "rankings", "pairwise_preferences", "attention_checks", "timings",
     "exclusions",
 }
@@ -35,7 +35,7 @@ def study(researcher):
 
 def _export(experiment: Experiment, out: Path, fmt: str, *extra: str) -> tuple[Path, str]:
     stdout = StringIO()
-    call_command("export_dataset", "--experiment", experiment.slug, "--format", fmt, "--out", str(out), *extra, stdout=stdout)
+    call_command("export_dataset", "--experiment", experiment.slug, "--format", fmt, "--out", str(out), "--as-user", experiment.owner.username, *extra, stdout=stdout)
     export = DatasetExport.objects.order_by("-id").first()
     return Path(export.path), stdout.getvalue()
 
@@ -147,9 +147,9 @@ def test_a_failed_export_is_recorded_with_its_error(study, tmp_path: Path) -> No
     assert export.status == DatasetExport.Status.FAILED and export.error
 
 
-def test_the_command_refuses_unknown_experiments(tmp_path: Path) -> None:
+def test_the_command_refuses_unknown_experiments(tmp_path: Path, researcher) -> None:
     with pytest.raises(CommandError, match="No experiment"):
-        call_command("export_dataset", "--experiment", "nope", "--format", "csv", "--out", str(tmp_path))
+        call_command("export_dataset", "--experiment", "nope", "--format", "csv", "--out", str(tmp_path), "--as-user", researcher.username)
 
 
 def test_the_admin_action_queues_the_export_task_after_commit(study, researcher, django_capture_on_commit_callbacks, monkeypatch, tmp_path, settings) -> None:

@@ -26,7 +26,7 @@ def test_the_export_records_each_rule_and_the_bots(researcher, tmp_path: Path) -
     assert services.participant_persona_record(room_id=bot.room_id, external_id=bot.external_id, persona={"kind": "bot", "stance": 1})
     assert not services.participant_persona_record(room_id=bot.room_id, external_id="nobody", persona={"kind": "bot"})
 
-    call_command("export_dataset", "--experiment", "excl", "--format", "csv", "--out", str(tmp_path), stdout=StringIO())
+    call_command("export_dataset", "--experiment", "excl", "--format", "csv", "--out", str(tmp_path), "--as-user", researcher.username, stdout=StringIO())
     tables, package, readme = read_export_zip(Path(DatasetExport.objects.get().path), "csv")
     rows = tables["exclusions"]
     assert len(rows) == len(study.members)

@@ -12,7 +12,7 @@ from django.core.management.base import CommandError
 
 from deliberation.models import Participant, Rating, Round
 from simulation import bots
-from tests.factories import ExperimentFactory
+from tests.factories import ExperimentFactory, UserFactory
 
 AFFIRMING = "We should raise taxes on the rich."
 NEGATING = "We should not raise taxes on the rich."
@@ -44,8 +44,9 @@ def test_quality_prefers_a_readable_length() -> None:
 
 @pytest.mark.django_db
 def test_simulate_cohort_refuses_an_unknown_experiment() -> None:
+    user = UserFactory(is_superuser=True)
     with pytest.raises(CommandError, match="No experiment"):
-        call_command("simulate_cohort", "--experiment", "nope")
+        call_command("simulate_cohort", "--experiment", "nope", "--as-user", user.username)
 
 
 @pytest.mark.real_model
@@ -53,7 +54,7 @@ def test_simulate_cohort_refuses_an_unknown_experiment() -> None:
 def test_a_pilot_cohort_runs_through_the_real_site() -> None:
     experiment = ExperimentFactory(slug="pilot", group_size=3)
     out = StringIO()
-    call_command("simulate_cohort", "--experiment", "pilot", "--groups", "1", "--group-size", "3", "--seed", "5", "--timeout", "300", stdout=out)
+    call_command("simulate_cohort", "--experiment", "pilot", "--groups", "1", "--group-size", "3", "--seed", "5", "--timeout", "300", "--as-user", experiment.owner.username, stdout=out)
     summary = json.loads(out.getvalue())
     assert summary["groups_completed"] == 1 and summary["failures"] == []
     arm = experiment.arms.get()

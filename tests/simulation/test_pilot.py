@@ -73,7 +73,7 @@ def test_a_pilot_runs_every_protocol_and_its_analytics_match_a_hand_computation(
     out = StringIO()
     call_command(
         "simulate_cohort", "--experiment", "pilot-all", "--groups", str(GROUPS), "--seed", "3", "--timeout", "180",
-        "--opinions", "template", "--inattentive-share", "0.25", stdout=out,
+        "--opinions", "template", "--inattentive-share", "0.25", "--as-user", experiment.owner.username, stdout=out,
     )
     summary = json.loads(out.getvalue())
     assert summary["groups_as_designed"] == GROUPS and summary["problems"] == {} and summary["failures"] == []

@@ -1,11 +1,13 @@
-"""python manage.py import_questions PATH [--split S] [--topic T] [--experiment SLUG]"""
+"""python manage.py import_questions PATH [--split S] [--topic T] [--experiment SLUG --as-user USERNAME]"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
+from django.db.models import Q
 
+from accounts.commands import add_as_user_argument, experiment_for_command
 from deliberation.models import Experiment
 from research.questions import HM_SOURCE, QuestionFileError, import_questions
 
@@ -23,13 +25,13 @@ class Command(BaseCommand):
         parser.add_argument("--source", default=HM_SOURCE, help="Where the questions come from (recorded on each, and credited in exports).")
         parser.add_argument("--experiment", metavar="SLUG", help="Also attach the imported questions to this experiment.")
         parser.add_argument("--strict", action="store_true", help="Exit with an error status if any row was bad.")
+        # The bank is shared; attaching to an experiment changes that experiment, so it needs a researcher who may.
+        add_as_user_argument(parser, required=False)
 
-    def handle(self, *args, path: Path, split: str | None, topic: str | None, source: str, experiment: str | None, strict: bool, **options) -> None:
+    def handle(self, *args, path: Path, split: str | None, topic: str | None, source: str, experiment: str | None, strict: bool, as_user: str | None, **options) -> None:
         target = None
         if experiment:
-            target = Experiment.objects.filter(slug=experiment).first()
-            if target is None:
-                raise CommandError(f"No experiment with the slug {experiment!r}.")
+            target, _ = experiment_for_command(Experiment.objects.all(), lookup=Q(slug=experiment), described=f"with the slug {experiment!r}", username=as_user)
         try:
             report = import_questions(path, split=split, topic=topic, source=source, experiment=target)
         except QuestionFileError as error:

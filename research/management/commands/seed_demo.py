@@ -7,9 +7,10 @@ import os
 from pathlib import Path
 
 from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 
+from accounts import permissions
 from deliberation.models import Arm, Experiment, Question
 
 DEMO_QUESTIONS = Path(__file__).resolve().parents[2] / "demo_questions.json"
@@ -58,6 +59,10 @@ class Command(BaseCommand):
                 "allow_several_seats_per_browser": True,
             },
         )
+        # The demo belongs to the login this command makes (a superuser by default); run again with another
+        # --username, it changes the demo only if that user may (accounts.permissions), like every command.
+        if not created and not permissions.can_change_experiment(researcher, experiment):
+            raise CommandError(f"{username} may not change the existing demo experiment (owned by {experiment.owner}).")
         if not experiment.allow_several_seats_per_browser:
             # The demo is played in several windows of one browser (README), so it allows several seats per browser.
             Experiment.objects.filter(pk=experiment.pk).update(allow_several_seats_per_browser=True)

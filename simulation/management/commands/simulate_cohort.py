@@ -22,6 +22,7 @@ from statistics import mean
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db.models import Q
 
+from accounts.commands import add_as_user_argument, experiment_for_command
 from deliberation import selectors, services
 from deliberation.models import (
     AttentionCheck,
@@ -61,15 +62,14 @@ class Command(BaseCommand):
             "--inattentive-share", type=float, default=0.0,
             help="Share of bots that answer the attention item wrongly (pilots the exclusion rule). Default 0.",
         )
+        add_as_user_argument(parser)  # bots fill rooms of the experiment: the same rule as the researcher pages
 
     def handle(
         self, *args: object, experiment: str, groups: int, group_size: int | None, seed: int, url: str, timeout: float,
-        opinions: str, inattentive_share: float, **options: object,
+        opinions: str, inattentive_share: float, as_user: str, **options: object,
     ) -> None:
         lookup = Q(slug=experiment) | Q(pk=int(experiment)) if experiment.isdigit() else Q(slug=experiment)
-        found = Experiment.objects.filter(lookup).first()
-        if found is None:
-            raise CommandError(f"No experiment with id or slug {experiment!r}.")
+        found, _ = experiment_for_command(Experiment.objects.all(), lookup=lookup, described=f"with id or slug {experiment!r}", username=as_user)
         size = group_size or found.group_size
         if groups < 1 or not 2 <= size <= 8:
             raise CommandError("--groups must be at least 1 and --group-size between 2 and 8.")

@@ -55,8 +55,11 @@ def test_real_server_real_model_exactly_n_with_provenance(loopback: LoopbackServ
     sent = loopback.requests
     assert all(body["max_tokens"] == 24 and body["temperature"] == 0.9 and body["top_p"] == 0.95 for body in sent)
     assert all(isinstance(body["seed"], int) for body in sent)
-    # Each candidate's recorded prompt is exactly what went over the wire for it.
+    # Each candidate's recorded prompt is exactly what went over the wire for it, and so is its sampling seed.
     assert all(json.loads(candidate.prompt) in [body["messages"] for body in sent] for candidate in candidates)
+    for candidate in candidates:
+        (body,) = [body for body in sent if body["messages"] == json.loads(candidate.prompt)]
+        assert candidate.sampling_seed == body["seed"] and candidate.sample_index is not None
 
 
 def test_samples_sharing_a_prompt_are_one_request_with_n(loopback: LoopbackServer) -> None:

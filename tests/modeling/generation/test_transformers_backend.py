@@ -9,7 +9,7 @@ import pytest
 
 from modeling.generation.base import Candidate, GenerationError, GenerationRequest, SamplingParams
 from modeling.generation.models import BUNDLED_MODELS, DEFAULT_MODEL_ALIAS
-from modeling.generation.prompts import opinion_order
+from modeling.generation.prompts import derive_seed, opinion_order
 from modeling.generation.registry import BACKENDS, get_generator
 from modeling.generation.transformers_backend import TransformersGenerator
 
@@ -84,11 +84,28 @@ def test_a_single_opinion_and_a_single_candidate(generator: TransformersGenerato
     assert candidate.opinion_order == [0] and candidate.text
 
 
+def test_each_candidate_records_its_sample_index_and_the_seed_its_batch_was_sampled_with(four: list[Candidate]) -> None:
+    # What the export's candidates.sample_index and sampling_seed promise: the opinion order is the seeded
+    # shuffle of (seed, sample_index), and the first batch (indices 0..n-1) shares one torch seed.
+    for candidate in four:
+        assert candidate.sample_index is not None
+        assert candidate.opinion_order == opinion_order(5, candidate.sample_index, len(OPINIONS))
+        if candidate.sample_index < 4:
+            assert candidate.sampling_seed == derive_seed("transformers", 5, 0)
+        else:
+            assert candidate.sampling_seed not in (None, derive_seed("transformers", 5, 0))
+
+
 def test_the_sequential_path_keeps_the_contract(generator: TransformersGenerator) -> None:
     candidates = generator.generate_sequential(
         GenerationRequest(question=QUESTION, opinions=OPINIONS[:3], n=2, seed=1, sampling=SamplingParams(max_new_tokens=16))
     )
     assert len(candidates) == 2 and all(candidate.completion_tokens <= 16 for candidate in candidates)
+    # One by one, each row has its own seed, derived from its batch's.
+    first_batch = derive_seed("transformers", 1, 0)
+    assert [c.sampling_seed for c in candidates if c.sample_index is not None and c.sample_index < 2] == [
+        derive_seed(first_batch, "row", c.sample_index) for c in candidates if c.sample_index is not None and c.sample_index < 2
+    ]
 
 
 def test_greedy_decoding_is_supported(generator: TransformersGenerator) -> None:

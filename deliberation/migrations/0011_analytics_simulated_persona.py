@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('deliberation', '0008_allow_several_seats_per_browser'),
+        ('deliberation', '0010_seat_transfers'),
     ]
 
     operations = [
