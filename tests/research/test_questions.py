@@ -132,10 +132,10 @@ def test_an_unreadable_file_is_a_clear_error(tmp_path: Path) -> None:
 def test_imported_questions_can_be_attached_to_an_experiment(tmp_path: Path, bank) -> None:
     experiment = ExperimentFactory(slug="ood-study")
     experiment.questions.clear()
-    out, _ = _run(str(HM_BANK), "--split", "iid_test", "--experiment", "ood-study")
+    out, _ = _run(str(HM_BANK), "--split", "iid_test", "--experiment", "ood-study", "--as-user", experiment.owner.username)
     assert "Attached 565 questions" in out
     assert experiment.questions.count() == 565
     assert set(experiment.questions.values_list("split", flat=True)) == {"iid_test"}
     assert HM_SOURCE in experiment.questions.first().source
     with pytest.raises(CommandError, match="No experiment"):
-        _run(str(HM_BANK), "--experiment", "nope")
+        _run(str(HM_BANK), "--experiment", "nope", "--as-user", experiment.owner.username)
