@@ -301,6 +301,8 @@ class Participant(models.Model):
     dropped_out_at = models.DateTimeField(null=True, blank=True)
     dropout_reason = models.CharField(max_length=200, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    # Set only for simulated participants (simulate_cohort's bots): the persona they played. Null for people.
+    simulated_persona = models.JSONField(null=True, blank=True)
 
     class Meta:
         ordering = ["id"]

@@ -412,8 +412,10 @@ def monitor_state(room: Room) -> MonitorState:
     opinions = {o.participant_id: o for o in round_.opinions.all()}
     candidates = list(round_.candidates.order_by("rank", "index"))
     predictions: dict[int, list[float | None]] = {c.pk: [None] * len(participants) for c in candidates}
+    reward_models: set[str] = set()
     for prediction in PredictedAgreement.objects.filter(candidate__round=round_):
         predictions[prediction.candidate_id][column[prediction.participant_id]] = prediction.score
+        reward_models.add(prediction.reward_model)
     ratings: dict[int, list[Rating | None]] = {c.pk: [None] * len(participants) for c in candidates}
     for rating in Rating.objects.filter(candidate__round=round_):
         ratings[rating.candidate_id][column[rating.participant_id]] = rating
@@ -432,7 +434,7 @@ def monitor_state(room: Room) -> MonitorState:
         explanation=" ".join(
             part
             for part in (
-                _explain_ranking(rows, participants, room.arm.welfare_method, room.arm.welfare_alpha),
+                _explain_ranking(rows, participants, room.arm.welfare_method, room.arm.welfare_alpha, reward_models),
                 _explain_demotion(rows, [o.text for o in opinions.values()]),
             )
             if part
@@ -458,12 +460,16 @@ def _explain_demotion(rows: list[MonitorCandidate], opinion_texts: list[str]) ->
     )
 
 
-def _explain_ranking(rows: list[MonitorCandidate], participants: list[Participant], method: str, alpha: float) -> str:
+def _explain_ranking(
+    rows: list[MonitorCandidate], participants: list[Participant], method: str, alpha: float, reward_models: set[str]
+) -> str:
     """Fill every row's welfare under each function, and say why the arm's function chose its winner."""
+    from modeling.reward.registry import reward_model_is_informative
     from modeling.welfare import explain_choice, rank_candidates
 
     if not rows:
         return ""
+
     # Members the reward model scored (an excluded member of an ablation arm has no predictions).
     scored = [i for i in range(len(participants)) if all(row.predictions[i] is not None for row in rows)]
     if not scored:
@@ -473,6 +479,12 @@ def _explain_ranking(rows: list[MonitorCandidate], participants: list[Participan
         result = rank_candidates(matrix, method=name, alpha=alpha)
         for row, value in zip(rows, result.welfare):
             row.welfare_by_method.append(value)
+    if reward_models and not any(reward_model_is_informative(name) for name in reward_models):
+        # A constant prediction ties every candidate: "won on 4.00 vs 4.00" would explain nothing.
+        return (
+            f"No reward model ({', '.join(sorted(reward_models))}): every statement has the same predicted agreement, "
+            "so none won on welfare; the tie-break (the order they were written in) chose the statements shown."
+        )
     chosen = rank_candidates(matrix, method=method, alpha=alpha)
     return explain_choice(
         matrix,

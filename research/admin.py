@@ -59,12 +59,36 @@ def _export_action(fmt: str):
     return admin.action(description=f"Export dataset ({fmt}, pseudonymised)")(action)
 
 
+ALLOW_LIST_FILE_MAX_BYTES = 2_000_000
+
+
 class ExperimentAdminForm(forms.ModelForm):
     add_allowed_external_ids = forms.CharField(
         required=False,
         widget=forms.Textarea(attrs={"rows": 4}),
         help_text="Paste external ids (e.g. Prolific PIDs) to add to the allow-list, one per line or separated by commas.",
     )
+    allow_list_file = forms.FileField(
+        required=False,
+        help_text="Or upload a file of external ids to add: plain text (one per line, or separated by commas), or a CSV "
+        "whose header names the column (external_id, participant_id, Participant id, PROLIFIC_PID, pid or id), "
+        "e.g. a panel's export. UTF-8, up to 2 MB.",
+    )
+
+    def clean_allow_list_file(self) -> list[str]:
+        upload = self.cleaned_data.get("allow_list_file")
+        if not upload:
+            return []
+        if upload.size > ALLOW_LIST_FILE_MAX_BYTES:
+            raise forms.ValidationError("The file is larger than 2 MB: split it, or paste the ids.")
+        try:
+            text = upload.read().decode("utf-8-sig")
+        except UnicodeDecodeError:
+            raise forms.ValidationError("The file is not UTF-8 text (save it as CSV UTF-8 or plain text).") from None
+        ids = services.external_ids_from_text(text)
+        if not ids:
+            raise forms.ValidationError("The file has no external ids.")
+        return ids
 
     class Meta:
         model = Experiment
@@ -88,13 +112,14 @@ class ExperimentAdmin(OwnedByResearcherAdmin):
         ("Questions", {"fields": ["questions", "question_split", "question_topic"], "description": "Attach questions, or leave none attached and draw from the whole bank by split and topic."}),
         ("Protocols", {"fields": ["rate_opinions", "attention_check", "assignment_seed"]}),
         ("Habermas Machine protocol", {"fields": ["critique_rounds", "ask_positions"], "description": "Critique-and-revision rounds and positions before and after (docs/habermas-protocol.md). A human mediator is an arm setting."}),
-        ("Participants", {"fields": ["require_allow_list", "allow_several_seats_per_browser", "add_allowed_external_ids", "completion_code", "completion_url", "release_code"]}),
+        ("Participants", {"fields": ["require_allow_list", "allow_several_seats_per_browser", "add_allowed_external_ids", "allow_list_file", "completion_code", "completion_url", "release_code"]}),
     ]
 
     def save_related(self, request, form, formsets, change) -> None:
         super().save_related(request, form, formsets, change)
         pasted = form.cleaned_data.get("add_allowed_external_ids") or ""
-        added = services.allow_list_add(experiment=form.instance, external_ids=re.split(r"[\s,;]+", pasted))
+        uploaded = form.cleaned_data.get("allow_list_file") or []
+        added = services.allow_list_add(experiment=form.instance, external_ids=[*re.split(r"[\s,;]+", pasted), *uploaded])
         if added:
             self.message_user(request, f"Added {added} external ids to the allow-list.")
 

@@ -940,10 +940,49 @@ HUMAN_STATEMENTS = Table(
 PROTOCOL_TABLES = [PROTOCOL_ROUNDS, CRITIQUES, POSITIONS, FINAL_PREFERENCES, HUMAN_STATEMENTS]
 
 
+# exclusions (analysis rules) and simulated participants ---------------------------------------------------
+
+
+def _exclusion_rows(ctx: ExportContext) -> Iterator[tuple[Any, ...]]:
+    from . import selectors
+
+    removed = {
+        rule: set(selectors.participants_excluded_by(ctx.experiment, rule).values_list("pk", flat=True)) for rule in selectors.EXCLUSION_RULES
+    }
+    for pk, room_id, persona in _iterate(_participants(ctx), ctx, "pk", "room_id", "simulated_persona"):
+        rules = [rule for rule in selectors.EXCLUSION_RULES if pk in removed[rule]]
+        yield (
+            ctx.pseudonym(pk), room_id, persona is not None, _json(persona) if persona is not None else None,
+            *(pk in removed[rule] for rule in selectors.EXCLUSION_RULES), "+".join(rules) or None,
+        )
+
+
+EXCLUSIONS = Table(
+    name="exclusions",
+    description="Per participant: whether simulate_cohort's bots played it (and as which persona), and which of the "
+    "analytics' exclusion rules remove it (docs/analytics.md). The analytics page and analytics.csv name the rules applied.",
+    columns=lambda ctx: [
+        Column("participant_id", "string", P),
+        Column("group_id", "integer", "Group (room)."),
+        Column("simulated", "boolean", "A simulated participant (a bot of simulate_cohort), not a person."),
+        Column("persona", "string", "The bot's persona as JSON (stance +1/-1, strength 0-1, attentive); blank for people."),
+        Column("dropouts", "boolean", "Rule dropouts: recorded as dropped out and not finished."),
+        Column("failed_attention", "boolean", "Rule failed_attention: failed an attention check."),
+        Column("incomplete_groups", "boolean", "Rule incomplete_groups: in a group whose round did not end completed, or in which a member did not finish."),
+        Column("excluded_by", "string", "The rules that remove this participant, joined by + (blank: none)."),
+    ],
+    rows=_exclusion_rows,
+    count=lambda ctx: _participants(ctx).count(),
+    primary_key=("participant_id",),
+    foreign_keys=_refs(("participant_id", "participants.participant_id")),
+)
+
+
 TABLES: list[Table] = [
     EXPERIMENT, QUESTIONS, ARMS, GROUPS, PARTICIPANTS, OPINIONS, CANDIDATES, PREDICTED, PRESENTATIONS,
     AGREEMENT, QUALITY, OPINION_RATINGS, RANKINGS, PREFERENCES, ATTENTION, TIMINGS, *PROTOCOL_TABLES,
 ]
+TABLES.append(EXCLUSIONS)  # kept apart from the list above: the analytics' exclusion rules and the bot flags
 
 
 # --- Writers ----------------------------------------------------------------------------------------

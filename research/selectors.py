@@ -6,11 +6,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from django.db.models import Count, Q, QuerySet
+from django.db.models import Count, Exists, OuterRef, Q, QuerySet
 from django.utils import timezone
 
 from accounts import permissions
-from deliberation.models import Experiment, Room, Round
+from deliberation.models import AttentionCheck, Experiment, Participant, Room, Round
 
 from .models import DatasetExport
 
@@ -98,3 +98,78 @@ def exports_for(experiment: Experiment) -> QuerySet[DatasetExport]:
 
 def export_visible_to(user: AbstractUser | AnonymousUser, export_id: int) -> DatasetExport | None:
     return DatasetExport.objects.filter(pk=export_id, experiment__in=experiments_for(user)).select_related("experiment").first()
+
+
+# --- Exclusion rules (analytics and the export's exclusions table) ----------------------------------------------
+
+
+class ExclusionRule:
+    """Pre-registrable exclusion rules; each names the participants it removes from an analysis.
+
+    - dropouts: recorded as dropped out (a deadline passed without their opinion or ranking) and not finished;
+    - failed_attention: failed an attention check (the first answer counts);
+    - incomplete_groups: every member of a group whose round did not end `completed`, or in which a member
+      did not finish (a group that did not run as designed).
+    """
+
+    DROPOUTS = "dropouts"
+    FAILED_ATTENTION = "failed_attention"
+    INCOMPLETE_GROUPS = "incomplete_groups"
+
+
+EXCLUSION_RULES: dict[str, str] = {
+    ExclusionRule.DROPOUTS: "Dropouts (recorded as dropped out, not finished)",
+    ExclusionRule.FAILED_ATTENTION: "Participants who failed an attention check",
+    ExclusionRule.INCOMPLETE_GROUPS: "Groups that did not finish as designed (round not completed, or a member did not finish)",
+}
+
+
+def parse_exclusion_rules(values: list[str]) -> tuple[str, ...]:
+    """The known rules among `values` (e.g. the page's ?exclude=...), in the registry's order; unknown ones are ignored."""
+    return tuple(rule for rule in EXCLUSION_RULES if rule in values)
+
+
+def incomplete_rooms(experiment: Experiment) -> QuerySet[Room]:
+    unfinished_round = Round.objects.filter(room=OuterRef("pk")).exclude(outcome=Round.Outcome.COMPLETED)
+    unfinished_member = Participant.objects.filter(room=OuterRef("pk"), finished_at__isnull=True)
+    return experiment.rooms.filter(Exists(unfinished_round) | Exists(unfinished_member))
+
+
+def participants_excluded_by(experiment: Experiment, rule: str) -> QuerySet[Participant]:
+    """The participants of `experiment` that `rule` removes."""
+    participants = Participant.objects.filter(room__experiment=experiment)
+    if rule == ExclusionRule.DROPOUTS:
+        return participants.filter(dropped_out_at__isnull=False, finished_at__isnull=True)
+    if rule == ExclusionRule.FAILED_ATTENTION:
+        return participants.filter(Exists(AttentionCheck.objects.filter(participant=OuterRef("pk"), passed=False)))
+    if rule == ExclusionRule.INCOMPLETE_GROUPS:
+        return participants.filter(room__in=incomplete_rooms(experiment))
+    raise ValueError(f"unknown exclusion rule {rule!r}; known: {', '.join(EXCLUSION_RULES)}")
+
+
+def excluded_participants(experiment: Experiment, rules: tuple[str, ...]) -> QuerySet[Participant]:
+    """The union of what `rules` remove, as a query (used as a subquery: nothing is read into memory)."""
+    condition = Q(pk__in=[])
+    for rule in rules:
+        condition |= Q(pk__in=participants_excluded_by(experiment, rule).values("pk"))
+    return Participant.objects.filter(room__experiment=experiment).filter(condition)
+
+
+@dataclass(frozen=True)
+class ExclusionCount:
+    rule: str
+    label: str
+    participants: int
+    groups: int
+
+
+def exclusion_counts(experiment: Experiment, rules: tuple[str, ...]) -> list[ExclusionCount]:
+    """How many participants (and groups with at least one of them) each rule, and all together, remove."""
+    rows = []
+    for rule in rules:
+        removed = participants_excluded_by(experiment, rule)
+        rows.append(ExclusionCount(rule, EXCLUSION_RULES[rule], removed.count(), removed.values("room_id").distinct().count()))
+    if len(rules) > 1:
+        removed = excluded_participants(experiment, rules)
+        rows.append(ExclusionCount("+".join(rules), "All of these together", removed.count(), removed.values("room_id").distinct().count()))
+    return rows

@@ -6,6 +6,8 @@ after commit.
 
 from __future__ import annotations
 
+import csv
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -32,6 +34,25 @@ def allow_list_add(*, experiment: Experiment, external_ids: Iterable[str]) -> in
             [AllowedExternalId(experiment=experiment, external_id=value) for value in sorted(wanted - known)], ignore_conflicts=True
         )
     return len(wanted - known)
+
+
+# Column names that hold the ids in a panel's CSV (compared lower-cased, spaces as underscores): Prolific's
+# "Participant id", PROLIFIC_PID, or a plain list's header.
+EXTERNAL_ID_COLUMNS = ("external_id", "participant_id", "prolific_pid", "pid", "id")
+
+
+def external_ids_from_text(text: str) -> list[str]:
+    """The external ids in pasted text or an uploaded file: a CSV whose header names an id column
+    (EXTERNAL_ID_COLUMNS) gives that column; anything else is ids separated by line breaks, commas,
+    semicolons or spaces."""
+    lines = text.splitlines()
+    if lines:
+        header = [name.strip().lower().replace(" ", "_") for name in next(csv.reader(lines[:1]), [])]
+        for name in EXTERNAL_ID_COLUMNS:
+            if name in header:
+                column = header.index(name)
+                return [row[column].strip() for row in csv.reader(lines[1:]) if len(row) > column and row[column].strip()]
+    return [token for token in re.split(r"[\s,;]+", text) if token]
 
 
 def experiment_pause(*, experiment: Experiment, paused: bool) -> Experiment:

@@ -12,6 +12,7 @@ urlpatterns = [
     path("experiments/<slug:slug>/pause/", views.experiment_pause, name="experiment_pause"),
     path("experiments/<slug:slug>/analytics/", views.analytics_page, name="analytics"),
     path("experiments/<slug:slug>/analytics.csv", views.analytics_csv, name="analytics_csv"),
+    path("experiments/<slug:slug>/analytics/<slug:plot>.<slug:fmt>", views.analytics_plot, name="analytics_plot"),
     path("experiments/<slug:slug>/exports/", views.exports_page, name="exports_page"),
     path("exports/<dbid:export_id>/download/", views.export_download, name="export_download"),
     path("experiments/<slug:slug>/", views.experiment_detail, name="experiment_detail"),

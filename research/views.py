@@ -20,7 +20,7 @@ from deliberation import ratelimit
 from deliberation.http import HtmxHttpRequest
 from deliberation.models import Experiment
 
-from . import analytics, selectors, services
+from . import analytics, plots, selectors, services
 from .exports import PSEUDONYM_KEY_WARNING, export_for, pseudonyms_reversible
 from .models import DatasetExport
 
@@ -78,15 +78,27 @@ def experiment_pause(request: HtmxHttpRequest, slug: str) -> HttpResponse:
     return redirect("cohort_monitor", slug=experiment.slug)
 
 
+def _analytics_report(request: HtmxHttpRequest, experiment: Experiment) -> analytics.ExperimentReport:
+    # Exclusion rules come as ?exclude=dropouts&exclude=failed_attention...; unknown names are ignored.
+    return analytics.experiment_report(experiment, selectors.parse_exclusion_rules(request.GET.getlist("exclude")))
+
+
 @login_required
 @require_safe
 def analytics_page(request: HtmxHttpRequest, slug: str) -> HttpResponse:
     experiment = _own_experiment(request, slug)
-    report = analytics.experiment_report(experiment)
+    report = _analytics_report(request, experiment)
     return render(
         request,
         "research/analytics.html",
-        {"experiment": experiment, "report": report, "rows": analytics.table_rows(report), "charts": analytics.charts(report)},
+        {
+            "experiment": experiment, "report": report, "rows": analytics.table_rows(report), "charts": analytics.charts(report),
+            "rules": [(rule, label, rule in report.analysis.rules) for rule, label in selectors.EXCLUSION_RULES.items()],
+            "query": request.GET.urlencode(),
+            # The figures are drawn from the analysis just computed and inlined as data URIs (an <img> runs no
+            # script), so viewing the page does not compute the analysis again per figure.
+            "plots": [(plot, plots.data_uri(report.analysis, plot=plot, title=_plot_title(experiment, report, plot))) for plot in plots.PLOTS],
+        },
     )
 
 
@@ -94,8 +106,27 @@ def analytics_page(request: HtmxHttpRequest, slug: str) -> HttpResponse:
 @require_safe
 def analytics_csv(request: HtmxHttpRequest, slug: str) -> HttpResponse:
     experiment = _own_experiment(request, slug)
-    response = HttpResponse(analytics.report_csv(analytics.experiment_report(experiment)), content_type="text/csv; charset=utf-8")
+    response = HttpResponse(analytics.report_csv(_analytics_report(request, experiment)), content_type="text/csv; charset=utf-8")
     response["Content-Disposition"] = f'attachment; filename="{experiment.slug}-analytics.csv"'
+    return response
+
+
+def _plot_title(experiment: Experiment, report: analytics.ExperimentReport, plot: str) -> str:
+    what = "differences between arms" if plot == "forest" else "agreement ratings per arm"
+    return f"{experiment.name}: {what} (exclusions: {report.analysis.rules_text})"
+
+
+@login_required
+@require_safe
+def analytics_plot(request: HtmxHttpRequest, slug: str, plot: str, fmt: str) -> HttpResponse:
+    experiment = _own_experiment(request, slug)
+    if plot not in plots.PLOTS or fmt not in plots.FORMATS:
+        raise Http404("No such plot.")
+    report = _analytics_report(request, experiment)
+    title = _plot_title(experiment, report, plot)
+    response = HttpResponse(plots.render(report.analysis, plot=plot, fmt=fmt, title=title), content_type=plots.FORMATS[fmt])
+    if request.GET.get("download"):
+        response["Content-Disposition"] = f'attachment; filename="{experiment.slug}-{plot}.{fmt}"'
     return response
 
 

@@ -13,6 +13,7 @@ than echo it. docs/bots.md describes both.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import html
 import math
 import random
@@ -33,6 +34,9 @@ _STATEMENT_RE = re.compile(
     r'data-candidate="(?P<id>\d+)".*?<blockquote>(?P<text>.*?)</blockquote>', re.DOTALL
 )
 _CODE_RE = re.compile(r'class="completion-code">(?P<code>[^<]+)<')
+_PREFERENCE_RE = re.compile(r'id="preference-(?P<a>\d+)-(?P<b>\d+)"')
+_OPINION_RE = re.compile(r'id="opinion-(?P<id>\d+)".*?<blockquote class="opinion">(?P<text>.*?)</blockquote>', re.DOTALL)
+_ATTENTION_RE = re.compile(r'id="attention-form".*?please choose “[^”]*” \((?P<expected>\d)\)', re.DOTALL)
 _WORD_RE = re.compile(r"[a-z']+")
 # Negations are kept: "should not" and "should" are opposite stances.
 _STOPWORDS = frozenset(
@@ -45,19 +49,39 @@ _STOPWORDS = frozenset(
 
 @dataclass(frozen=True)
 class Persona:
-    """A simulated participant's position: +1 agrees with the affirming statement, -1 with the negating one."""
+    """A simulated participant's position: +1 agrees with the affirming statement, -1 with the negating one.
+
+    Stored on the participant (Participant.simulated_persona, via `as_record`), so the export says which rows
+    are simulated and what each bot was told to be."""
 
     stance: int
     strength: float  # 0..1: how firmly they hold it
+    attentive: bool = True  # False: answers the attention item wrongly (to pilot the exclusion rules)
 
     def describe(self) -> str:
         return "strongly" if self.strength >= 0.7 else "somewhat"
 
+    def as_record(self) -> dict[str, object]:
+        return {"kind": "bot", "stance": self.stance, "strength": self.strength, "attentive": self.attentive}
 
-def make_personas(rng: random.Random, count: int) -> list[Persona]:
+
+def make_personas(rng: random.Random, count: int, *, inattentive_share: float = 0.0) -> list[Persona]:
     # Alternate stances so every group disagrees, as the paper's groups were chosen to.
     first = rng.choice([1, -1])
-    return [Persona(stance=first if i % 2 == 0 else -first, strength=round(rng.uniform(0.4, 1.0), 2)) for i in range(count)]
+    personas = [Persona(stance=first if i % 2 == 0 else -first, strength=round(rng.uniform(0.4, 1.0), 2)) for i in range(count)]
+    if inattentive_share > 0:  # drawn only when asked for, so pilots without it keep their sequences
+        personas = [dataclasses.replace(p, attentive=rng.random() >= inattentive_share) for p in personas]
+    return personas
+
+
+def template_opinions(*, affirming: str, negating: str, personas: Sequence[Persona]) -> list[str]:
+    """Opinions without a language model (simulate_cohort --opinions template): the persona's own claim, said
+    with its strength. For pilots of the protocol, where what the opinions say matters less than that the
+    whole flow runs; the default writes them with the generator (`write_opinions`)."""
+    return [
+        f"{affirming if p.stance > 0 else negating} I {p.describe()} believe this, and it is the main reason for my view."
+        for p in personas
+    ]
 
 
 def persona_messages(question: str, statement: str, persona: Persona) -> list[dict[str, str]]:
@@ -153,9 +177,18 @@ class BotResult:
     statements_seen_at: float = 0.0
     completion_code: str = ""
     ratings: dict[int, tuple[int, int]] = field(default_factory=dict)
+    preferences: dict[tuple[int, int], int] = field(default_factory=dict)
+    opinion_ratings: dict[int, int] = field(default_factory=dict)
+    attention_answer: int | None = None
+    steps: list[str] = field(default_factory=list)  # the rating-page steps this bot answered, in order
 
 
 class Bot:
+    # The rating page's steps, in the order a person meets them; each answers what the page shows and
+    # does nothing when the experiment does not enable it. A new protocol step (e.g. critique rounds)
+    # is one more method here and one more name in this list.
+    RATING_STEPS: tuple[str, ...] = ("rate_statements", "answer_preferences", "rate_opinions", "answer_attention_check")
+
     def __init__(self, *, base_url: str, label: str, persona: Persona, opinion: str, rng: random.Random, timeout: float) -> None:
         self.base_url = base_url.rstrip("/") + "/"
         self.label = label
@@ -167,6 +200,8 @@ class Bot:
         self.session = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
         self.socket: aiohttp.ClientWebSocketResponse | None = None
         self.main_html = ""
+        self.affirming = ""
+        self.negating = ""
 
     async def close(self) -> None:
         if self.socket is not None:
@@ -220,7 +255,65 @@ class Bot:
                 self.main_html = message.data[start:]
         return self.view()
 
+    def _judge(self, text: str) -> int:
+        return simulated_agreement(
+            statement=text, own_opinion=self.opinion, persona=self.persona, affirming=self.affirming, negating=self.negating, rng=self.rng
+        )
+
+    async def _answer(self, path: str, data: dict[str, str]) -> None:
+        """Post one answer; the page's new state (the #main section) comes back in the response."""
+        body = await self._post(f"p/{self.result.participant_code}/{path}", data)
+        start = body.find('<section id="main"')
+        if start >= 0:
+            self.main_html = body[start:]
+
+    # --- The rating page's steps ---------------------------------------------------------------------
+
+    async def rate_statements(self) -> None:
+        statements = [(int(m.group("id")), html.unescape(m.group("text"))) for m in _STATEMENT_RE.finditer(self.main_html)]
+        if not statements:
+            raise BotError(f"{self.label}: rating view without statements")
+        for candidate_id, text in statements:
+            agreement, quality = self._judge(text), simulated_quality(statement=text, rng=self.rng)
+            await self._answer(f"rate/{candidate_id}/", {"agreement": str(agreement), "quality": str(quality)})
+            self.result.ratings[candidate_id] = (agreement, quality)
+
+    async def answer_preferences(self) -> None:
+        """Head-to-head: in each pair from different arms, prefer the statement it agreed with more (quality, then
+        a coin, breaking ties)."""
+        for match in list(_PREFERENCE_RE.finditer(self.main_html)):
+            a, b = int(match.group("a")), int(match.group("b"))
+            score_a, score_b = self.result.ratings.get(a, (0, 0)), self.result.ratings.get(b, (0, 0))
+            preferred = a if score_a > score_b else b if score_b > score_a else self.rng.choice([a, b])
+            await self._answer("prefer/", {"candidate_a": str(a), "candidate_b": str(b), "preferred": str(preferred)})
+            self.result.preferences[(a, b)] = preferred
+
+    async def rate_opinions(self) -> None:
+        """Best-human-opinion protocol: the other members' opinions, judged like statements."""
+        for match in list(_OPINION_RE.finditer(self.main_html)):
+            opinion_id, agreement = int(match.group("id")), self._judge(html.unescape(match.group("text")))
+            await self._answer(f"opinion-rating/{opinion_id}/", {"agreement": str(agreement)})
+            self.result.opinion_ratings[opinion_id] = agreement
+
+    async def answer_attention_check(self) -> None:
+        match = _ATTENTION_RE.search(self.main_html)
+        if match is None:
+            return
+        expected = int(match.group("expected"))
+        # An inattentive persona picks another answer, so a pilot can exercise the exclusion rule.
+        answer = expected if self.persona.attentive else (expected % 7) + 1
+        await self._answer("attention/", {"answer": str(answer)})
+        self.result.attention_answer = answer
+
+    async def rank_statements(self) -> None:
+        if 'id="ranking-form"' not in self.main_html:
+            raise BotError(f"{self.label}: the ranking is not open after every step was answered: {self.main_html[:300]}")
+        # Rank by agreement, quality breaking ties, as a person would.
+        order = sorted(self.result.ratings, key=lambda cid: (-self.result.ratings[cid][0], -self.result.ratings[cid][1], cid))
+        await self._answer("rank/", {f"rank_{cid}": str(position + 1) for position, cid in enumerate(order)})
+
     async def run(self, *, join_path: str, affirming: str, negating: str) -> BotResult:
+        self.affirming, self.negating = affirming, negating
         await self.join(join_path)
         view = await self.wait_for("opinions", "done", "dropped")
         if view != "opinions":
@@ -233,24 +326,10 @@ class Bot:
         self.result.statements_seen_at = time.monotonic()
         if view != "rating":
             return self.result
-        statements = [(int(m.group("id")), html.unescape(m.group("text"))) for m in _STATEMENT_RE.finditer(self.main_html)]
-        if not statements:
-            raise BotError(f"{self.label}: rating view without statements")
-        for candidate_id, text in statements:
-            agreement = simulated_agreement(
-                statement=text, own_opinion=self.opinion, persona=self.persona, affirming=affirming, negating=negating, rng=self.rng
-            )
-            quality = simulated_quality(statement=text, rng=self.rng)
-            await self._post(
-                f"p/{self.result.participant_code}/rate/{candidate_id}/", {"agreement": str(agreement), "quality": str(quality)}
-            )
-            self.result.ratings[candidate_id] = (agreement, quality)
-        # Rank by agreement, quality breaking ties, as a person would.
-        order = sorted(self.result.ratings, key=lambda cid: (-self.result.ratings[cid][0], -self.result.ratings[cid][1], cid))
-        body = await self._post(
-            f"p/{self.result.participant_code}/rank/", {f"rank_{cid}": str(position + 1) for position, cid in enumerate(order)}
-        )
-        self.main_html = body[body.find('<section id="main"'):]
+        for step in self.RATING_STEPS:
+            await getattr(self, step)()
+            self.result.steps.append(step)
+        await self.rank_statements()
         await self.wait_for("done")
         match = _CODE_RE.search(self.main_html)
         self.result.completion_code = match.group("code") if match else ""

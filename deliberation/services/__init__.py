@@ -16,7 +16,15 @@ This package re-exports the public functions, so callers write `services.opinion
 """
 
 from .errors import InvalidInput, JoinRefused, ServiceError, WrongPhase
-from .joining import ArmDraw, page_view_record, participant_join, presence_connect, presence_disconnect, room_create
+from .joining import (
+    ArmDraw,
+    page_view_record,
+    participant_join,
+    participant_persona_record,
+    presence_connect,
+    presence_disconnect,
+    room_create,
+)
 from .mediation import (
     MediationInput,
     SourcedResult,
@@ -67,6 +75,7 @@ __all__ = [
     "pairwise_preference_submit",
     "participant_join",
     "position_before_submit",
+    "participant_persona_record",
     "presence_connect",
     "presence_disconnect",
     "ranking_submit",

@@ -192,3 +192,12 @@ def page_view_record(*, participant_id: int, view: str, round_id: int | None, ph
             return False
         PageView.objects.create(participant_id=participant_id, view=view, round_id=round_id, phase=phase)
     return True
+
+
+@transaction.atomic
+def participant_persona_record(*, room_id: int, external_id: str, persona: dict[str, object]) -> bool:
+    """Mark a simulated participant (a bot of simulate_cohort) and keep the persona it played.
+
+    Bots join through the real invite link like people, so they are marked after joining, by their room and
+    external id (the bot's label). Returns False when no such participant joined (the bot never got in)."""
+    return bool(Participant.objects.filter(room_id=room_id, external_id=external_id).update(simulated_persona=persona))

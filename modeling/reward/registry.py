@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .base import RewardModel
+from .constant import ConstantRewardModel
 
 RewardModelFactory = Callable[..., RewardModel]
 
@@ -62,8 +63,6 @@ def _build_stance_head(*, embedding_model: str, version_path: str | None, device
 
 
 def _build_constant(*, embedding_model: str, version_path: str | None, device: str) -> RewardModel:
-    from .constant import ConstantRewardModel
-
     return ConstantRewardModel()
 
 
@@ -73,8 +72,18 @@ REWARD_MODELS: dict[str, RewardModelFactory] = {
     # The default: a small head on frozen MiniLM embeddings, shipped in modeling/reward/shipped/stance-head/.
     "stance-head": _build_stance_head,
     # No reward model: every candidate ties, so the first K written are shown (an experiment's baseline arm).
-    "none": _build_constant,
+    ConstantRewardModel.name: _build_constant,
 }
+
+# Reward models whose predictions carry no information about the participants (a constant): nothing to
+# report an accuracy for, and nothing to explain a ranking by. Only their tie-break orders the statements.
+UNINFORMATIVE_REWARD_MODELS: frozenset[str] = frozenset({ConstantRewardModel.name})
+
+
+def reward_model_is_informative(name: str) -> bool:
+    """Whether predictions recorded under this registry name carry information (False for the `none` baseline)."""
+    return name not in UNINFORMATIVE_REWARD_MODELS
+
 
 _CACHE: dict[tuple[Any, ...], RewardModel] = {}
 _CACHE_LOCK = threading.Lock()

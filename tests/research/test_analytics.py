@@ -25,8 +25,7 @@ pytestmark = pytest.mark.django_db
 
 
 def _row(participant: int, candidate: int, agreement: int, *, rank: int | None = 1, room: int = 1) -> StatementRating:
-    return StatementRating(room_id=room, candidate_id=candidate, source_arm_id=1, room_arm_id=1, participant_id=participant,
-                           agreement=agreement, quality=4, welfare_rank=rank, predicted=None)
+    return StatementRating(room_id=room, candidate_id=candidate, participant_id=participant, agreement=agreement, welfare_rank=rank)
 
 
 # --- The figures on small, known rows -------------------------------------------------------------------
@@ -115,19 +114,19 @@ def test_the_analytics_page_shows_every_figure_per_arm_as_computed_by_hand(clien
 def test_every_estimate_has_its_bootstrap_interval_and_the_csv_matches_the_page(client, study, researcher) -> None:
     report = analytics.experiment_report(study.experiment)
     for arm in report.arms:
-        for key, _ in analytics.ExperimentReport.METRICS:
-            estimate: Estimate = getattr(arm, key)
+        for key in analytics.METRIC_BY_KEY:
+            estimate: Estimate = arm.estimates[key]
             if estimate.value is not None:
                 assert estimate.low is not None and estimate.low - 1e-9 <= estimate.value <= estimate.high + 1e-9, (arm.name, key)
     client.force_login(researcher)
     response = client.get("/researcher/experiments/analysed/analytics.csv")
     assert response["Content-Type"].startswith("text/csv") and "attachment" in response["Content-Disposition"]
     rows = list(csv.DictReader(io.StringIO(response.content.decode())))
-    by_key = {(row["arm"], row["metric"]): row for row in rows}
+    by_key = {(row["arm"], row["metric"]): row for row in rows if row["kind"] == "arm"}
     base = next(a for a in report.arms if a.name == "base")
-    assert float(by_key[("base", "mean_agreement")]["value"]) == pytest.approx(base.mean_agreement.value, rel=1e-5)
-    assert float(by_key[("base", "head_to_head_win_rate")]["ci_low"]) == pytest.approx(base.head_to_head_win_rate.low, rel=1e-5)
-    assert {row["metric"] for row in rows} >= {key for key, _ in analytics.ExperimentReport.METRICS} | {"reward_model_spearman", "reward_model_pairwise_accuracy"}
+    assert float(by_key[("base", "mean_agreement")]["value"]) == pytest.approx(base.estimates["mean_agreement"].value, rel=1e-5)
+    assert float(by_key[("base", "head_to_head_win_rate")]["ci_low"]) == pytest.approx(base.estimates["head_to_head_win_rate"].low, rel=1e-5)
+    assert {row["metric"] for row in rows} >= set(analytics.METRIC_BY_KEY) | {"reward_model_spearman", "reward_model_pairwise_accuracy"}
     # Seeded: the same data gives the same intervals.
     assert client.get("/researcher/experiments/analysed/analytics.csv").content == response.content
 
@@ -151,3 +150,56 @@ def test_an_experiment_without_ratings_shows_no_figures_yet(client, researcher) 
     client.force_login(researcher)
     html = client.get("/researcher/experiments/empty/analytics/").content.decode()
     assert _page_values(html) == {} and "no data yet" in html
+
+
+def test_the_studywide_spearman_is_the_reward_metrics_definition() -> None:
+    import random as _random
+
+    from modeling.reward.metrics import mean_within_participant_spearman
+
+    rng = _random.Random(4)
+    participants = [p for p in range(60) for _ in range(rng.randint(1, 6))]
+    targets = [float(rng.randint(1, 7)) for _ in participants]
+    predictions = [4.0 if p % 7 == 0 else round(rng.uniform(1, 7), 1) for p in participants]  # some all-equal predictions
+    assert analytics.within_participant_spearman(participants, predictions, targets) == pytest.approx(
+        mean_within_participant_spearman(participants, predictions, targets), abs=1e-12
+    )
+    assert analytics.within_participant_spearman([1, 1], [2.0, 3.0], [5.0, 5.0]) is None
+
+
+def test_the_studywide_pairwise_accuracy_is_the_reward_metrics_definition() -> None:
+    import random as _random
+
+    import pandas as pd
+
+    from modeling.reward.metrics import pairwise_accuracy
+
+    rng = _random.Random(9)
+    participants = [p for p in range(40) for _ in range(rng.randint(1, 5))]
+    targets = [float(rng.randint(1, 7)) for _ in participants]
+    predictions = [float(rng.choice([3.0, 4.0, 4.5, 5.0])) for _ in participants]  # with predicted ties
+    frame = pd.DataFrame({"p": participants, "x": predictions, "y": targets, "row": range(len(participants))})
+    expected_accuracy, expected_pairs = pairwise_accuracy(participants, predictions, targets)
+    accuracy, pairs = analytics.pairwise_agreement_accuracy(frame)
+    assert pairs == expected_pairs and accuracy == pytest.approx(expected_accuracy, abs=1e-12)
+
+
+def test_value_labels_never_sit_on_a_whisker(study) -> None:
+    # Inline bars: each value label starts right of its interval's end.
+    chart = analytics.bar_chart(title="T", bars=[analytics.Bar("wide", Estimate(2.0, 1.5, 6.5, 3))], low=1, high=7)
+    (whisker_end,) = re.findall(r'x2="([0-9.]+)" y2="[0-9.]+" class="ci"', chart)
+    (label_x,) = re.findall(r'<text x="([0-9.]+)" y="[0-9.]+" class="value">', chart)
+    assert float(label_x) > float(whisker_end)
+    # The forest plot: the numbers are in a column outside the axes; every whisker is inside them.
+    from research import plots
+
+    analysis = analytics.analyse(study.experiment)
+    figure = plots.forest_figure(analysis, title="test")
+    axes = figure.axes[0]
+    low, high = axes.get_xlim()
+    for line in axes.get_lines()[:-1]:  # the last line is the dashed zero
+        assert all(low <= x <= high for x in line.get_xdata())
+    numbers = [text for text in axes.texts if re.search(r"\d", text.get_text())]
+    assert len(numbers) == len(analysis.comparisons) + 1 and all(text.get_position()[0] > 1 for text in numbers)  # + the header
+    for fmt, magic in (("svg", b"<svg"), ("png", b"\x89PNG")):
+        assert magic in plots.render(analysis, plot="forest", fmt=fmt, title="t")[:400]

@@ -26,6 +26,7 @@ TABLE_NAMES = {
     "agreement_ratings", "quality_ratings", "opinion_ratings", "rankings", "pairwise_preferences", "attention_checks", "timings",
     # The Habermas Machine protocol (tests/research/test_export_protocol.py checks their rows).
     "protocol_rounds", "critiques", "positions", "final_preferences", "human_statements",
+    "exclusions",
 }
 
 
