@@ -85,10 +85,11 @@ def test_a_pilot_cohort_plays_the_two_round_protocol_with_positions_and_a_human_
     out = StringIO()
     call_command(
         "simulate_cohort", "--experiment", "protocol-pilot", "--groups", "2", "--group-size", "3", "--seed", "7", "--timeout", "300",
-        stdout=out,
+        "--as-user", experiment.owner.username, stdout=out,
     )
     summary = json.loads(out.getvalue())
     assert summary["failures"] == [] and summary["groups_completed"] == 2
+    assert summary["groups_as_designed"] == 2 and summary["problems"] == {}
     counts = summary["counts"]
     assert counts["critique_rounds"] == 2
     # Model group: 3 critiques; human group: 2 (its mediator writes the statement instead).

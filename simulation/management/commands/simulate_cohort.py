@@ -219,6 +219,13 @@ def group_problems(room: Room, expected_members: int) -> list[str]:
             if member.dropped_out_at is not None:
                 problems.append(f"{member.external_id} dropped out ({member.dropout_reason or 'no reason recorded'})")
                 continue
+            if round_.mediator_id == member.pk:
+                # A human mediator writes this round's statement and rates nothing.
+                if not Candidate.objects.filter(round=round_, author=member).exists():
+                    problems.append(f"{member.external_id} was the mediator of round {round_.index} and wrote no statement")
+                continue
+            if round_.kind == Round.Kind.CRITIQUE and not Opinion.objects.filter(round=round_, participant=member).exists():
+                problems.append(f"{member.external_id} wrote no critique in round {round_.index}")
             if member.pk not in raters:
                 problems.append(f"{member.external_id} was shown no statements")
                 continue
@@ -235,4 +242,17 @@ def group_problems(room: Room, expected_members: int) -> list[str]:
                 problems.append(f"{member.external_id} did not answer the attention item")
             if not Ranking.objects.filter(participant=member, round=round_).exists():
                 problems.append(f"{member.external_id} did not rank")
+    # The Habermas Machine protocol's closing steps, for every member who took part to the end.
+    experiment = room.experiment
+    for member in members:
+        if member.dropped_out_at is not None:
+            continue
+        mediated_any_round = Round.objects.filter(room=room, mediator=member).exists()
+        if experiment.ask_positions and not mediated_any_round:  # a human mediator is not asked for a position
+            stages = set(Position.objects.filter(participant=member).values_list("stage", flat=True))
+            for stage in (Position.Stage.BEFORE, Position.Stage.AFTER):
+                if stage not in stages:
+                    problems.append(f"{member.external_id} gave no position {stage}")
+        if experiment.critique_rounds > 0 and not mediated_any_round and not FinalPreference.objects.filter(participant=member).exists():
+            problems.append(f"{member.external_id} gave no final preference")
     return problems
