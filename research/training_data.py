@@ -19,6 +19,7 @@ from django.db.models import QuerySet
 from deliberation.models import Candidate, Experiment, Opinion, PairwisePreference, Ranking, Rating
 from modeling.training.study_data import (
     DEFAULT_MIN_QUALITY,
+    HELD_OUT_SPLITS,
     DatasetBuild,
     PreferenceVote,
     StudyStatement,
@@ -108,3 +109,36 @@ def preference_dataset(*, experiments: Sequence[Experiment] | None = None, min_m
     ids = {v.winner_id for v in votes} | {v.loser_id for v in votes}
     statements = _statements(_candidates(experiments).filter(pk__in=ids))
     return preference_rows(statements, votes, min_margin=min_margin)
+
+
+def reward_rows(*, experiments: Sequence[Experiment]) -> list[dict[str, object]]:
+    """The reward model's training rows (train_reward_model --data's format): one per rating, with the
+    rater's own opinion in that round; questions of the held-out splits left out."""
+    ratings = (
+        Rating.objects.filter(candidate__round__room__experiment__in=list(experiments))
+        .exclude(candidate__round__room__question__split__in=sorted(HELD_OUT_SPLITS))
+        .select_related("candidate__round__room__question")
+        .order_by("id")
+    )
+    rows = list(ratings)
+    own = {
+        (round_id, participant_id): text
+        for round_id, participant_id, text in Opinion.objects.filter(round_id__in={r.candidate.round_id for r in rows}).values_list(
+            "round_id", "participant_id", "text"
+        )
+    }
+    out: list[dict[str, object]] = []
+    for rating in rows:
+        opinion = own.get((rating.candidate.round_id, rating.participant_id))
+        if opinion:
+            out.append(
+                {
+                    "group_id": rating.candidate.round.room_id,
+                    "participant_id": rating.participant_id,
+                    "question": rating.candidate.round.room.question.text,
+                    "opinion": opinion,
+                    "statement": rating.candidate.text,
+                    "agreement": rating.agreement,
+                }
+            )
+    return out
