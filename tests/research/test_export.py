@@ -23,7 +23,7 @@ pytestmark = pytest.mark.django_db
 
 TABLE_NAMES = {
     "questions", "arms", "groups", "participants", "opinions", "candidates", "predicted_agreement", "presentations",
-    "agreement_ratings", "quality_ratings", "opinion_ratings", "rankings", "pairwise_preferences", "attention_checks", "timings",
+    "agreement_ratings", "quality_ratings", "opinion_ratings", "rankings", "pairwise_preferences", "attention_checks", "timings", "generator_versions",
 }
 
 
