@@ -105,7 +105,7 @@ def training_run_start(
     cleaned = _clean_params(params or {})
     with transaction.atomic():
         run = TrainingRun.objects.create(
-            kind=kind, method=method, parent=parent, params=cleaned, requested_by=user if user.is_authenticated else None
+            kind=kind, method=method, parent=parent, params=cleaned, requested_by_id=user.pk if user.is_authenticated else None
         )
         run.experiments.set(experiments)
         transaction.on_commit(lambda: dispatch.enqueue(TaskName.TRAIN_MODEL, args=[run.pk]))

@@ -83,10 +83,10 @@ def preference_votes(*, experiments: Sequence[Experiment] | None = None) -> list
     if experiments is not None:
         rankings = rankings.filter(round__room__experiment__in=list(experiments))
         preferences = preferences.filter(round__room__experiment__in=list(experiments))
-    votes = []
+    votes: list[PreferenceVote] = []
     for round_id, order in rankings.values_list("round_id", "order"):
         # order is best first: every earlier statement beats every later one.
-        votes.extend(PreferenceVote(round_id, int(w), int(l), "ranking") for w, l in combinations(order, 2))
+        votes.extend(PreferenceVote(round_id, int(winner), int(loser), "ranking") for winner, loser in combinations(order, 2))
     for round_id, a, b, preferred in preferences.values_list("round_id", "candidate_a_id", "candidate_b_id", "preferred_id"):
         votes.append(PreferenceVote(round_id, preferred, b if preferred == a else a, "head-to-head"))
     return votes

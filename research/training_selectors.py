@@ -58,7 +58,8 @@ def generator_versions_overview(user: AbstractBaseUser | AnonymousUser) -> list[
     visible = Experiment.objects.filter(permissions.experiment_filter(user))
     rows = {version.pk: VersionRow(version) for version in GeneratorVersion.objects.select_related("parent")}
     for arm in Arm.objects.filter(experiment__in=visible, generator_version__isnull=False).select_related("experiment").order_by("pk"):
-        rows[arm.generator_version_id].arms.append(arm)
+        if arm.generator_version_id is not None:
+            rows[arm.generator_version_id].arms.append(arm)
     used: dict[int, set[str]] = defaultdict(set)
     for version_id, slug in (
         Candidate.objects.filter(round__room__experiment__in=visible, generator_version__isnull=False)

@@ -175,7 +175,7 @@ def train_dpo(
     total_steps = steps_per_epoch * epochs if max_steps is None else min(max_steps, steps_per_epoch * epochs)
     losses: list[float] = []
 
-    class Progress(TrainerCallback):  # type: ignore[misc]
+    class Progress(TrainerCallback):
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
             if logs and "loss" in logs and "eval_loss" not in logs:
                 losses.append(float(logs["loss"]))
@@ -223,7 +223,8 @@ def train_dpo(
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         # Only the trained adapter: trl's frozen "ref" copy is not part of the result.
-        trainer.model.save_pretrained(out, selected_adapters=["default"], safe_serialization=True)
+        trained: Any = trainer.model  # the PeftModel (transformers types it as a plain module)
+        trained.save_pretrained(out, selected_adapters=["default"], safe_serialization=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     digest, size = adapter_digest(out)
