@@ -98,6 +98,7 @@ bench: setup
 	$(PY) bench/generator_quality.py
 	$(PY) bench/load.py
 	$(PY) bench/load.py --profile paced
+	$(PY) bench/flywheel.py
 
 clean:
 	-$(SERVICES) stop

@@ -96,12 +96,16 @@ def _train_sft(spec: GeneratorTrainingSpec, base: str, out: Path, progress: Prog
     if not groups:
         raise TrainingError(f"{spec.data} has no training groups.")
     examples = build_sft_examples(groups, seed=spec.seed, shuffles_per_group=spec.shuffles)
+    continued = spec.parent if spec.parent is not None and spec.parent.method == GeneratorVersion.Method.LORA and not spec.full else None
     eval_examples = build_sft_examples(eval_groups, seed=spec.seed + 1, shuffles_per_group=1) if eval_groups else []
     result = train_sft(
         base_model=base, examples=examples, eval_examples=eval_examples, out_dir=out, lora=not spec.full,
         epochs=spec.epochs, max_steps=spec.max_steps, learning_rate=spec.learning_rate, seed=spec.seed,
         on_progress=progress, batch_size=spec.batch_size, max_seq_len=spec.max_seq_len, lora_r=spec.lora_r,
         device=settings.CONCORD_DEVICE, cache_dir=settings.CONCORD_MODEL_STORE / "hf-cache", evaluate_before=bool(eval_examples),
+        # A LoRA parent is continued (the study's statements refine it); a full-weights parent is lineage only.
+        init_adapter=continued.path if continued else None,
+        init_adapter_sha256=continued.sha256 if continued else None,
     )
     params = {**result.hyperparameters, "shuffles": spec.shuffles}
     metrics = {"eval_dataset_sha256": result.eval_dataset_sha256}

@@ -204,6 +204,8 @@ def train_dpo(
             max_grad_norm=1.0,
             dataloader_num_workers=0,
             disable_tqdm=True,
+            # A 135M model fits without it; recomputing activations only slows a CPU run down.
+            gradient_checkpointing=False,
         )
         eval_dataset = _dataset(eval_pairs) if eval_pairs else None
         trainer = DPOTrainer(

@@ -15,6 +15,7 @@ from django.test import Client
 from django.urls import reverse
 
 from deliberation import dispatch, services
+from deliberation.mediator import default_generator_version
 from deliberation.models import Candidate, GeneratorVersion, Round
 from deliberation.tasks import mediate_round
 from modeling.training.dpo import pairs_sha256
@@ -50,9 +51,13 @@ def test_ratings_become_sft_and_dpo_versions_that_an_arm_generates_with(
         assert "step 2/2" in client.get(reverse("training_run", args=[run.pk])).content.decode()
         return run
 
-    sft_run = train(method="sft", min_quality="5")
+    # SFT continues the site's current default (the shipped adapter); DPO continues that SFT version.
+    default = default_generator_version()
+    assert default is not None
+    sft_run = train(method="sft", min_quality="5", parent=str(default.pk))
     sft = sft_run.generator_version
-    assert sft is not None and sft.training_method == "sft" and sft.parent is None
+    assert sft is not None and sft.training_method == "sft" and sft.parent == default
+    assert sft.params["init_adapter_sha256"] == default.sha256
     sft_rows = load_dataset("json", data_files=sft_run.dataset_path, split="train")
     assert sft.metrics["train_rows"] == sft_rows.num_rows > 0 and sft.metrics["steps"] == 2
 
@@ -82,4 +87,4 @@ def test_ratings_become_sft_and_dpo_versions_that_an_arm_generates_with(
 
     page = client.get(reverse("versions_page")).content.decode()
     assert f"arm next-cohort/{arm.name}" in page and "wrote statements in next-cohort" in page
-    assert GeneratorVersion.objects.count() == 2
+    assert GeneratorVersion.objects.count() == 3
