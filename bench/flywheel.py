@@ -139,9 +139,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from deliberation.mediator import default_generator_version
     from deliberation.models import Arm, Experiment
+    from modeling.training.study_data import write_jsonl
     from research.generator_training import GeneratorTrainingSpec, generator_train
     from research.training_data import preference_dataset, sft_dataset
-    from modeling.training.study_data import write_jsonl
 
     started = time.perf_counter()
     timings: dict[str, float] = {}
