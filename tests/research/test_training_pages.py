@@ -125,3 +125,22 @@ def test_an_arm_is_pointed_at_a_version_by_its_owner_only(study: StudyFixture, r
     assert f"arm {study.experiment.slug}/{arm.name}" in page
     # The outsider sees the version but not which of the owner's arms use it.
     assert f"arm {study.experiment.slug}/" not in _logged_in(outsider_researcher).get(reverse("versions_page")).content.decode()
+
+
+def test_a_reward_model_run_trains_the_stance_head_on_the_studys_ratings(
+    study: StudyFixture, researcher, run_tasks_now, django_capture_on_commit_callbacks, settings, tmp_path: Path
+) -> None:
+    settings.CONCORD_MODEL_STORE = tmp_path
+    settings.CONCORD_DEVICE = "cpu"
+    client = _logged_in(researcher)
+    with django_capture_on_commit_callbacks(execute=True):
+        client.post(reverse("training_page"), {"kind": "reward_model", "experiments": [study.experiment.pk]})
+    run = TrainingRun.objects.get()
+    assert run.status == TrainingRun.Status.DONE, run.error + run.log
+    version = run.reward_model_version
+    assert version is not None and version.kind == "stance-head" and Path(version.path).is_dir()
+    rows = Path(run.dataset_path).read_text(encoding="utf-8").splitlines()
+    # One row per rating whose rater wrote an opinion in that round: every rating of this study.
+    assert len(rows) == Rating.objects.count() and version.params["data"] == run.dataset_path
+    assert run.steps_done == run.steps_total == 1 and f"registered reward model version {version.pk}" in run.log
+    assert not GeneratorVersion.objects.exists()
