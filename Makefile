@@ -99,6 +99,7 @@ bench: setup
 	$(PY) bench/load.py
 	$(PY) bench/load.py --profile paced
 	$(PY) bench/analytics.py
+	$(PY) bench/flywheel.py
 
 clean:
 	-$(SERVICES) stop

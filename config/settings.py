@@ -188,6 +188,8 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
 }
 CELERY_TASK_ROUTES = {
     "deliberation.tasks.mediate_round": {"queue": "gpu"},
+    # Training holds an accelerator for minutes to hours: its own queue, so it never delays a room's mediation.
+    "research.tasks.train_model": {"queue": "training"},
 }
 # Celery 5.7's worker dies when its Redis connection drops while it holds unacknowledged
 # messages (a scheduled timer, a task in progress); this consumer survives and reconnects.

@@ -39,6 +39,7 @@ class TaskName(StrEnum):
     ROUND_DEADLINE = "deliberation.tasks.round_deadline"
     ROOM_WAIT_DEADLINE = "deliberation.tasks.room_wait_deadline"
     EXPORT_DATASET = "research.tasks.export_dataset"
+    TRAIN_MODEL = "research.tasks.train_model"
 
 
 def task_named(name: str) -> Task:

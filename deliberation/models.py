@@ -19,6 +19,7 @@ from modeling.generation.registry import BACKENDS
 from modeling.likert import LIKERT_MAX, LIKERT_MIN
 from modeling.pipeline import PipelineStage
 from modeling.reward.registry import REWARD_MODELS
+from modeling.training.methods import training_method_choices
 from modeling.welfare import TIE_BREAK_LABELS, WELFARE_LABELS
 
 LIKERT = [MinValueValidator(LIKERT_MIN), MaxValueValidator(LIKERT_MAX)]
@@ -108,6 +109,8 @@ class GeneratorVersion(models.Model):
     base_model = models.CharField(max_length=300, help_text="The base model as the generator resolves it (alias, hub id or path).")
     base_model_sha256 = models.CharField(max_length=64, blank=True)
     method = models.CharField(max_length=10, choices=Method.choices, default=Method.LORA)
+    # How it was trained (modeling.training.methods: sft or dpo); `method` says what form the weights take.
+    training_method = models.CharField(max_length=20, choices=training_method_choices, default="sft")
     path = models.CharField(max_length=500, help_text="Directory of the adapter (or weights).")
     sha256 = models.CharField(max_length=64, help_text="Digest of the adapter's files, checked before every load.")
     dataset_sha256 = models.CharField(max_length=64, blank=True)

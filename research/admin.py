@@ -173,8 +173,8 @@ class RewardModelVersionAdmin(admin.ModelAdmin):
 class GeneratorVersionAdmin(admin.ModelAdmin):
     """Generator versions are registered by train_generator; the admin shows their lineage and what used them."""
 
-    list_display = ["name", "method", "base_model", "parent", "short_sha256", "loss_after", "created_at"]
-    list_filter = ["method"]
+    list_display = ["name", "training_method", "method", "base_model", "parent", "short_sha256", "loss_after", "created_at"]
+    list_filter = ["training_method", "method"]
     search_fields = ["name", "base_model", "sha256", "dataset_sha256"]
     readonly_fields = [f.name for f in GeneratorVersion._meta.fields]
 

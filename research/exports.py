@@ -59,7 +59,7 @@ from deliberation.models import (
 from modeling.likert import AGREEMENT_SCALE_TEXT
 from modeling.welfare import WELFARE_METHODS
 
-from . import services
+from . import export_lineage, services
 from .models import DatasetExport
 
 logger = logging.getLogger(__name__)
@@ -978,9 +978,32 @@ EXCLUSIONS = Table(
 )
 
 
+# lineage (the flywheel): which generator versions wrote statements, and what they were trained from -----
+
+GENERATOR_VERSIONS = Table(
+    name="generator_versions",
+    description="Fine-tuned generator versions the arms named or the candidates cite, and their ancestors (research.export_lineage).",
+    columns=lambda ctx: [
+        Column("generator_version", "string", "Version name (candidates.generator_version)."),
+        Column("parent", "string", "The version it was trained from (blank: the base model)."),
+        Column("training_method", "string", "sft (statements groups rated highly) or dpo (preferred vs rejected statements)."),
+        Column("weights", "string", "lora (an adapter over the base model) or full (all weights)."),
+        Column("base_model", "string", "Base model the version was trained on."),
+        Column("base_model_sha256", "string", "sha256 of the base model's weights."),
+        Column("adapter_sha256", "string", "sha256 of the version's adapter files (candidates.generator_version_sha256)."),
+        Column("dataset_sha256", "string", "sha256 of the training examples, in order."),
+        Column("params", "string", "JSON: hyper-parameters and data files of the training run."),
+        Column("metrics", "string", "JSON: losses before and after, rows, steps, time."),
+        Column("created_at", "datetime", "When the version was registered, UTC."),
+    ],
+    rows=lambda ctx: export_lineage.lineage_rows(ctx.experiment),
+    count=lambda ctx: len(export_lineage.versions_used(ctx.experiment)),
+)
+
+
 TABLES: list[Table] = [
     EXPERIMENT, QUESTIONS, ARMS, GROUPS, PARTICIPANTS, OPINIONS, CANDIDATES, PREDICTED, PRESENTATIONS,
-    AGREEMENT, QUALITY, OPINION_RATINGS, RANKINGS, PREFERENCES, ATTENTION, TIMINGS, *PROTOCOL_TABLES,
+    AGREEMENT, QUALITY, OPINION_RATINGS, RANKINGS, PREFERENCES, ATTENTION, TIMINGS, *PROTOCOL_TABLES, GENERATOR_VERSIONS,
 ]
 TABLES.append(EXCLUSIONS)  # kept apart from the list above: the analytics' exclusion rules and the bot flags
 

@@ -1,4 +1,4 @@
-"""Research records: the audit log of dataset exports.
+"""Research records: the audit log of dataset exports, and the training runs started from the researcher pages.
 
 The rooms' own data (experiments, arms, rooms, rounds, ratings) lives in deliberation.models;
 research reads it, and deliberation never imports research.
@@ -9,7 +9,8 @@ from __future__ import annotations
 from django.conf import settings
 from django.db import models
 
-from deliberation.models import Experiment
+from deliberation.models import Experiment, GeneratorVersion, RewardModelVersion
+from modeling.training.methods import training_method_choices
 
 
 class DatasetExport(models.Model):
@@ -69,3 +70,51 @@ class DatasetExportDownload(models.Model):
 
     def __str__(self) -> str:
         return f"Download of export {self.export_id} by {self.downloaded_by or 'unknown'}"
+class TrainingRun(models.Model):
+    """A training job a researcher started from the researcher pages (research.training): which data,
+    which method and parent, how far it got, its log, and the version it registered (only on success)."""
+
+    class Kind(models.TextChoices):
+        GENERATOR = "generator", "Generator"
+        REWARD_MODEL = "reward_model", "Reward model (stance head)"
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "Pending"
+        RUNNING = "running", "Running"
+        DONE = "done", "Done"
+        FAILED = "failed", "Failed"
+
+    kind = models.CharField(max_length=20, choices=Kind.choices)
+    # The generator's training method (modeling.training.methods); blank for the reward model.
+    method = models.CharField(max_length=20, blank=True, choices=training_method_choices)
+    requested_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    experiments = models.ManyToManyField(Experiment, related_name="training_runs")
+    parent = models.ForeignKey(GeneratorVersion, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    # The data filters and hyper-parameters asked for.
+    params = models.JSONField(default=dict, blank=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    steps_done = models.PositiveIntegerField(default=0)
+    steps_total = models.PositiveIntegerField(default=0)
+    loss = models.FloatField(null=True, blank=True)
+    log = models.TextField(blank=True)
+    error = models.TextField(blank=True)
+    dataset_path = models.CharField(max_length=700, blank=True)
+    generator_version = models.ForeignKey(GeneratorVersion, null=True, blank=True, on_delete=models.SET_NULL, related_name="training_runs")
+    reward_model_version = models.ForeignKey(RewardModelVersion, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"Training run {self.pk} ({self.kind}, {self.status})"
+
+    @property
+    def percent(self) -> int:
+        return int(100 * self.steps_done / self.steps_total) if self.steps_total else 0
+
+    @property
+    def finished(self) -> bool:
+        return self.status in (self.Status.DONE, self.Status.FAILED)

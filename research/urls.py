@@ -4,7 +4,7 @@ from django.urls import path
 
 from deliberation import inputs  # noqa: F401 - registers the <dbid:...> converter
 
-from . import views
+from . import training_views, views
 
 urlpatterns = [
     path("", views.researcher_home, name="researcher_home"),
@@ -16,4 +16,8 @@ urlpatterns = [
     path("experiments/<slug:slug>/exports/", views.exports_page, name="exports_page"),
     path("exports/<dbid:export_id>/download/", views.export_download, name="export_download"),
     path("experiments/<slug:slug>/", views.experiment_detail, name="experiment_detail"),
+    path("training/", training_views.training_page, name="training_page"),
+    path("training/<dbid:run_id>/", training_views.training_run_page, name="training_run"),
+    path("versions/", training_views.versions_page, name="versions_page"),
+    path("arms/<dbid:arm_id>/generator-version/", training_views.arm_generator_version, name="arm_generator_version"),
 ]

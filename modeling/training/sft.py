@@ -36,6 +36,7 @@ from modeling.generation.models import (
     ensure_checkpoint_dir,
     resolve_device,
     resolve_model,
+    verify_adapter,
 )
 from modeling.generation.prompts import ChatMessage, RevisionContext, build_messages, derive_seed, opinion_order, render_chat
 from modeling.generation.transformers_backend import _usable_cpu_count
@@ -230,6 +231,8 @@ class SFTHyperParameters:
     max_grad_norm: float = 1.0
     max_seq_len: int = 512
     seed: int = 0
+    # A LoRA adapter training continued from (its sha256), blank: a fresh adapter.
+    init_adapter_sha256: str = ""
 
 
 @dataclass
@@ -360,13 +363,23 @@ def train_sft(
     cache_dir: Path | None = None,
     num_threads: int | None = None,
     evaluate_before: bool = True,
+    init_adapter: str | Path | None = None,
+    init_adapter_sha256: str | None = None,
 ) -> SFTResult:
-    """Fine-tune `base_model` on `examples`, save the adapter (or full weights) to `out_dir`."""
+    """Fine-tune `base_model` on `examples`, save the adapter (or full weights) to `out_dir`.
+
+    With `init_adapter` (a LoRA adapter over the same base, verified by sha256), training continues
+    that adapter's weights, so a version trained on a study's statements builds on its parent.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.perf_counter()
+    parent = verify_adapter(init_adapter, init_adapter_sha256) if init_adapter else None
+    if parent is not None and (not lora or parent.kind != "lora"):
+        raise ValueError("Only a LoRA adapter can be continued, and only by LoRA training.")
     hp = SFTHyperParameters(
+        init_adapter_sha256=parent.sha256 if parent else "",
         lora=lora,
         lora_r=lora_r,
         lora_alpha=lora_alpha,
@@ -395,7 +408,14 @@ def train_sft(
     # Any: transformers' and peft's stubs type the model, its wrapper and `to` inconsistently.
     model: Any = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32)
     model.to(resolved_device)
-    if lora:
+    if parent is not None:
+        from peft import PeftModel
+
+        if parent.base_sha256 and source.sha256 and parent.base_sha256 != source.sha256:
+            raise ValueError(f"The adapter to continue was trained on another base (sha256 {parent.base_sha256}).")
+        model = PeftModel.from_pretrained(model, parent.path, is_trainable=True)
+        lm = model.get_base_model()
+    elif lora:
         from peft import LoraConfig, get_peft_model
 
         config = LoraConfig(

@@ -26,7 +26,8 @@ TABLE_NAMES = {
     "agreement_ratings", "quality_ratings", "opinion_ratings", "rankings", "pairwise_preferences", "attention_checks", "timings",
     # The Habermas Machine protocol (tests/research/test_export_protocol.py checks their rows).
     "protocol_rounds", "critiques", "positions", "final_preferences", "human_statements",
-    "exclusions",
+    # Model lineage (tests/research/test_export_lineage.py) and the analytics' exclusion rules.
+    "generator_versions", "exclusions",
 }
 
 

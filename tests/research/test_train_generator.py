@@ -96,3 +96,31 @@ def test_a_trained_version_is_registered_used_by_a_room_and_cited_by_its_candida
     assert len(candidates) == 2
     assert {c.generator_version_id for c in candidates} == {version.pk}
     assert all(f"+adapter-sha256:{version.sha256}" in c.model_id for c in candidates)
+
+
+@pytest.mark.real_model
+def test_dpo_from_the_base_registers_a_version_with_its_method_and_data(tmp_path: Path) -> None:
+    """`--method dpo` without a parent: a fresh LoRA trained with trl's DPOTrainer, one step, two tiny pairs."""
+    from modeling.generation.prompts import build_messages
+
+    # The site's model store keeps the converted base between runs; the adapter goes to tmp_path.
+    prompt = build_messages("Should the town build a bike lane?", ["Yes, it is safer.", "No, parking matters."], [1, 0])
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(
+        "".join(
+            json.dumps({"prompt": prompt, "chosen": [{"role": "assistant", "content": good}], "rejected": [{"role": "assistant", "content": bad}]}) + "\n"
+            for good, bad in (("We agree safety matters and parking needs a plan.", "Bikes."), ("We want a safe lane that keeps some parking.", "No."))
+        ),
+        encoding="utf-8",
+    )
+    out = StringIO()
+    call_command(
+        "train_generator", "--method", "dpo", "--data", str(pairs), "--max-steps", "1", "--batch-size", "2", "--max-seq-len", "384",
+        "--name", "tiny-dpo", "--out", str(tmp_path / "tiny-dpo"), stdout=out, stderr=StringIO(),
+    )
+    report = json.loads(out.getvalue())
+    version = GeneratorVersion.objects.get(name="tiny-dpo")
+    assert report["method"] == "dpo" and version.training_method == "dpo" and version.parent is None
+    assert version.metrics["steps"] == 1 and version.metrics["train_rows"] == 2 and version.params["beta"] == 0.1
+    assert len(version.dataset_sha256) == 64 and version.sha256 == report["adapter_sha256"]
+    assert Path(version.path, "adapter_model.safetensors").is_file()

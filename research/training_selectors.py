@@ -1,0 +1,75 @@
+"""Reads for the training pages: the runs a researcher may follow, the model versions with their lineage
+and use, and the arms a researcher may point at a version (accounts.permissions decides)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from django.db.models import QuerySet
+
+from accounts import permissions
+from deliberation.models import Arm, Candidate, Experiment, GeneratorVersion
+
+from .models import TrainingRun
+
+if TYPE_CHECKING:
+    from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+
+
+def training_runs_for(user: AbstractBaseUser | AnonymousUser) -> QuerySet[TrainingRun]:
+    """Runs on the data of experiments `user` may see (a run on several experiments: any one of them)."""
+    visible = Experiment.objects.filter(permissions.experiment_filter(user)).values("pk")
+    return (
+        TrainingRun.objects.filter(experiments__in=visible)
+        .distinct()
+        .select_related("generator_version", "reward_model_version", "parent", "requested_by")
+        .prefetch_related("experiments")
+    )
+
+
+def training_run_visible_to(user: AbstractBaseUser | AnonymousUser, run_id: int) -> TrainingRun | None:
+    return training_runs_for(user).filter(pk=run_id).first()
+
+
+def changeable_experiments(user: AbstractBaseUser | AnonymousUser) -> QuerySet[Experiment]:
+    """Experiments whose data `user` may train on and whose arms `user` may change (owner or editor)."""
+    return Experiment.objects.filter(permissions.experiment_filter(user, change=True)).order_by("-created_at")
+
+
+def changeable_arms(user: AbstractBaseUser | AnonymousUser) -> QuerySet[Arm]:
+    return Arm.objects.filter(experiment__in=changeable_experiments(user)).select_related("experiment", "generator_version").order_by(
+        "experiment__slug", "name"
+    )
+
+
+@dataclass
+class VersionRow:
+    version: GeneratorVersion
+    # Arms (of experiments the researcher may see) that name it, and experiments whose candidates it wrote.
+    arms: list[Arm] = field(default_factory=list)
+    experiments_generated: list[str] = field(default_factory=list)
+    runs: list[TrainingRun] = field(default_factory=list)
+
+
+def generator_versions_overview(user: AbstractBaseUser | AnonymousUser) -> list[VersionRow]:
+    """Every generator version with its parent, data and metrics, and where the researcher's experiments used it."""
+    visible = Experiment.objects.filter(permissions.experiment_filter(user))
+    rows = {version.pk: VersionRow(version) for version in GeneratorVersion.objects.select_related("parent")}
+    for arm in Arm.objects.filter(experiment__in=visible, generator_version__isnull=False).select_related("experiment").order_by("pk"):
+        if arm.generator_version_id is not None:
+            rows[arm.generator_version_id].arms.append(arm)
+    used: dict[int, set[str]] = defaultdict(set)
+    for version_id, slug in (
+        Candidate.objects.filter(round__room__experiment__in=visible, generator_version__isnull=False)
+        .values_list("generator_version_id", "round__room__experiment__slug")
+        .distinct()
+    ):
+        used[version_id].add(slug)
+    for run in training_runs_for(user).filter(generator_version__isnull=False):
+        assert run.generator_version_id is not None
+        rows[run.generator_version_id].runs.append(run)
+    for version_id, slugs in used.items():
+        rows[version_id].experiments_generated = sorted(slugs)
+    return list(rows.values())
