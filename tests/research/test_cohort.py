@@ -294,7 +294,7 @@ def test_a_cohort_from_start_to_finish(tmp_path: Path, researcher, client) -> No
         "experiment", "questions", "arms", "groups", "participants", "opinions", "candidates", "predicted_agreement", "presentations",
         "agreement_ratings", "quality_ratings", "opinion_ratings", "rankings", "pairwise_preferences", "attention_checks", "timings",
         "protocol_rounds", "critiques", "positions", "final_preferences", "human_statements",
-        "exclusions",
+        "exclusions", "generator_versions",
     }
     for resource in package["resources"]:
         columns = [field["name"] for field in resource["schema"]["fields"]]
