@@ -101,8 +101,13 @@ class TrainingRun(models.Model):
     dataset_path = models.CharField(max_length=700, blank=True)
     generator_version = models.ForeignKey(GeneratorVersion, null=True, blank=True, on_delete=models.SET_NULL, related_name="training_runs")
     reward_model_version = models.ForeignKey(RewardModelVersion, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    # The run a researcher retried to make this one (same data, method, base and options).
+    retry_of = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL, related_name="retries")
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
+    # The heartbeat: the worker's last sign of life (a step, or its beat while a model loads). A running run
+    # without one for CONCORD_TRAINING_STALL_SECONDS lost its worker (research.training.training_runs_recover).
+    progress_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:

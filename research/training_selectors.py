@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
+from django.conf import settings
 from django.db.models import QuerySet
+from django.utils import timezone
 
 from accounts import permissions
 from deliberation.models import Arm, Candidate, Experiment, GeneratorVersion
@@ -31,6 +34,22 @@ def training_runs_for(user: AbstractBaseUser | AnonymousUser) -> QuerySet[Traini
 
 def training_run_visible_to(user: AbstractBaseUser | AnonymousUser, run_id: int) -> TrainingRun | None:
     return training_runs_for(user).filter(pk=run_id).first()
+
+
+def training_run_waiting_for_worker(run: TrainingRun, *, now: datetime | None = None) -> bool:
+    """Whether a run still pending after CONCORD_TRAINING_WORKER_WAIT_SECONDS is most likely waiting for a
+    worker on the `training` queue (Celery). In-process (the embedded default) it starts at once, so never."""
+    if not settings.USE_CELERY or run.status != TrainingRun.Status.PENDING:
+        return False
+    now = now or timezone.now()
+    return run.created_at < now - timedelta(seconds=settings.CONCORD_TRAINING_WORKER_WAIT_SECONDS)
+
+
+def training_run_retryable_by(user: AbstractBaseUser | AnonymousUser, run: TrainingRun) -> bool:
+    """A failed run may be retried by whoever may train on all of its data (research.training.training_run_retry)."""
+    return run.status == TrainingRun.Status.FAILED and all(
+        permissions.can_change_experiment(user, experiment) for experiment in run.experiments.all()
+    )
 
 
 def changeable_experiments(user: AbstractBaseUser | AnonymousUser) -> QuerySet[Experiment]:

@@ -73,7 +73,27 @@ def training_run_page(request: HtmxHttpRequest, run_id: int) -> HttpResponse:
     if run is None:
         raise Http404("No such training run.")
     template = "research/partials/training_run_status.html" if request.htmx else "research/training_run.html"
-    return render(request, template, {"run": run})
+    context = {
+        "run": run,
+        "waiting_for_worker": training_selectors.training_run_waiting_for_worker(run),
+        "can_retry": training_selectors.training_run_retryable_by(request.user, run),
+    }
+    return render(request, template, context)
+
+
+@login_required
+@require_POST
+def training_run_retry(request: HtmxHttpRequest, run_id: int) -> HttpResponse:
+    run = training_selectors.training_run_visible_to(request.user, run_id)
+    if run is None:
+        raise Http404("No such training run.")
+    try:
+        retry = training.training_run_retry(user=request.user, run=run)
+    except ServiceError as error:
+        messages.error(request, str(error))
+        return redirect("training_run", run_id=run.pk)
+    messages.success(request, f"Run {run.pk} started again as run {retry.pk}, with the same data and options.")
+    return redirect("training_run", run_id=retry.pk)
 
 
 @login_required
