@@ -36,15 +36,19 @@ from deliberation import dispatch
 from deliberation.dispatch import TaskName
 from deliberation.models import Arm, Experiment, GeneratorVersion, RewardModelVersion
 from deliberation.services import InvalidInput, ServiceError
+from modeling.generator_quality import DEFAULT_N
 from modeling.reward.training import load_jsonl
+from modeling.training.consensus_data import load_groups
 from modeling.training.methods import DPO, SFT, TRAINING_METHODS
 from modeling.training.study_data import DEFAULT_MIN_QUALITY, NothingKept, write_jsonl
 from modeling.welfare import WELFARE_FUNCTIONS
 
 from . import training_data
+from .generator_evaluation import DEFAULT_EVALUATION_DATA, generator_evaluate
 from .generator_training import GeneratorTrainingSpec, TrainingError, generator_train
 from .models import TrainingRun
 from .reward_training import STANCE_HEAD, RewardTrainingError, RewardTrainingSpec, reward_model_train
+from .training_selectors import may_evaluate
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +104,7 @@ def training_run_start(
     retry_of: TrainingRun | None = None,
 ) -> TrainingRun:
     """Record a training run on the data of `experiments` and queue it; raise ServiceError if it may not run."""
-    if kind not in TrainingRun.Kind.values:
+    if kind not in (TrainingRun.Kind.GENERATOR, TrainingRun.Kind.REWARD_MODEL):
         raise InvalidInput("Choose what to train: the generator or the reward model.")
     if not experiments:
         raise InvalidInput("Choose at least one experiment whose data to train on.")
@@ -146,6 +150,10 @@ def training_run_retry(*, user: AbstractBaseUser | AnonymousUser, run: TrainingR
     permissions as starting one. The failed run stays as it was, with its error."""
     if run.status != TrainingRun.Status.FAILED:
         raise InvalidInput("Only a failed run can be retried.")
+    if run.kind == TrainingRun.Kind.EVALUATION:
+        if run.evaluated_version is None:
+            raise InvalidInput("The version this run evaluated no longer exists.")
+        return generator_evaluation_start(user=user, version=run.evaluated_version, params=dict(run.params), retry_of=run)
     return training_run_start(
         user=user,
         kind=run.kind,
@@ -155,6 +163,41 @@ def training_run_retry(*, user: AbstractBaseUser | AnonymousUser, run: TrainingR
         params=dict(run.params),
         retry_of=run,
     )
+
+
+EVALUATION_DEFAULTS: dict[str, Any] = {"groups": 8, "n": DEFAULT_N, "seed": 0}
+
+
+def generator_evaluation_start(
+    *,
+    user: AbstractBaseUser | AnonymousUser,
+    version: GeneratorVersion,
+    params: dict[str, Any] | None = None,
+    retry_of: TrainingRun | None = None,
+) -> TrainingRun:
+    """Record an evaluation of `version` on the dev groups (evaluate_generator's report) and queue it."""
+    if not may_evaluate(user):
+        raise ServiceError("Only a researcher who owns or edits an experiment may start an evaluation.")
+    raw = {key: value for key, value in (params or {}).items() if value not in ("", None)}
+    unknown = set(raw) - set(EVALUATION_DEFAULTS)
+    if unknown:
+        raise InvalidInput(f"Unknown evaluation options: {', '.join(sorted(unknown))}.")
+    try:
+        cleaned = {key: int(value) for key, value in {**EVALUATION_DEFAULTS, **raw}.items()}
+    except (TypeError, ValueError):
+        raise InvalidInput("Evaluation options must be whole numbers.") from None
+    if cleaned["groups"] < 1 or cleaned["n"] < 1:
+        raise InvalidInput("Evaluate at least one group, with at least one candidate each.")
+    with transaction.atomic():
+        run = TrainingRun.objects.create(
+            kind=TrainingRun.Kind.EVALUATION,
+            evaluated_version=version,
+            params=cleaned,
+            requested_by_id=user.pk if user.is_authenticated else None,
+            retry_of=retry_of,
+        )
+        transaction.on_commit(lambda: dispatch.enqueue(TaskName.TRAIN_MODEL, args=[run.pk]))
+    return run
 
 
 class RunStopped(Exception):
@@ -248,7 +291,7 @@ class _Follower:
         # Raising here (the run was taken for lost) stops the trainer at this step.
         _still_running(self.run_id, steps_done=step, steps_total=total, loss=loss, log=self.text())
 
-    def finish(self, line: str, **version: GeneratorVersion | RewardModelVersion) -> None:
+    def finish(self, line: str, **outcome: Any) -> None:
         """Mark the run done with its version: called inside the version's registration transaction, so
         that a run the sweep marked failed meanwhile refuses the version (rolled back, nothing registered)."""
         run = TrainingRun.objects.select_for_update().get(pk=self.run_id)
@@ -256,7 +299,7 @@ class _Follower:
             raise RunStopped("The run was marked failed while it trained (no progress for too long); nothing was registered.")
         self.lines.append(line)
         TrainingRun.objects.filter(pk=self.run_id).update(
-            status=TrainingRun.Status.DONE, finished_at=timezone.now(), progress_at=timezone.now(), log=self.text(), **version
+            status=TrainingRun.Status.DONE, finished_at=timezone.now(), progress_at=timezone.now(), log=self.text(), **outcome
         )
 
 
@@ -316,6 +359,34 @@ def _train_reward_model(run: TrainingRun, follow: _Follower) -> None:
     )
 
 
+class EvaluationFailed(Exception):
+    """Generation failed for some groups: the run fails, with the report (the per-group errors) kept."""
+
+
+def _evaluate_generator(run: TrainingRun, follow: _Follower) -> None:
+    version = run.evaluated_version
+    if version is None:
+        raise EvaluationFailed("The version to evaluate no longer exists.")
+    groups = load_groups(DEFAULT_EVALUATION_DATA)[: run.params["groups"]]
+    TrainingRun.objects.filter(pk=run.pk).update(dataset_path=str(DEFAULT_EVALUATION_DATA))
+    report = generator_evaluate(
+        groups=groups,
+        data=DEFAULT_EVALUATION_DATA,
+        n=run.params["n"],
+        seed=run.params["seed"],
+        max_new_tokens=settings.CONCORD_MAX_NEW_TOKENS,
+        backend=settings.CONCORD_GENERATOR_BACKEND,
+        version=version,
+        on_progress=follow.say,
+    )
+    failed = sum(evaluated["summary"]["groups_failed"] for evaluated in report["runs"])
+    if failed:
+        TrainingRun.objects.filter(pk=run.pk).update(report=report)
+        raise EvaluationFailed(f"Generation failed for {failed} group(s); see the report's per-group errors.")
+    with transaction.atomic():
+        follow.finish(f"evaluated {version.name} on {len(groups)} dev groups", report=report)
+
+
 def training_run_execute(*, run_id: int) -> str:
     """Run a pending training run to the end: its status says how it went. Returns that status."""
     run = _claim(run_id)
@@ -326,10 +397,12 @@ def training_run_execute(*, run_id: int) -> str:
         with heartbeat(run_id=run.pk):
             if run.kind == TrainingRun.Kind.GENERATOR:
                 _train_generator(run, follow)
+            elif run.kind == TrainingRun.Kind.EVALUATION:
+                _evaluate_generator(run, follow)
             else:
                 _train_reward_model(run, follow)
     except Exception as error:  # the run records any failure; the version is registered only on success
-        known = (NothingKept, TrainingError, RewardTrainingError, RunStopped)
+        known = (NothingKept, TrainingError, RewardTrainingError, RunStopped, EvaluationFailed)
         message = str(error) if isinstance(error, known) else f"{type(error).__name__}: {error}"
         follow.lines.append(f"failed: {message}")
         # A run the sweep already marked failed keeps the sweep's error (it says when the worker went quiet).

@@ -106,8 +106,23 @@ def versions_page(request: HtmxHttpRequest) -> HttpResponse:
             "rows": training_selectors.generator_versions_overview(request.user),
             "arms": training_selectors.changeable_arms(request.user),
             "versions": GeneratorVersion.objects.all(),
+            "may_evaluate": training_selectors.may_evaluate(request.user),
+            "evaluation_groups": training.EVALUATION_DEFAULTS["groups"],
         },
     )
+
+
+@login_required
+@require_POST
+def version_evaluate(request: HtmxHttpRequest, version_id: int) -> HttpResponse:
+    version = get_object_or_404(GeneratorVersion, pk=version_id)
+    try:
+        run = training.generator_evaluation_start(user=request.user, version=version, params={"groups": request.POST.get("groups", "")})
+    except ServiceError as error:
+        messages.error(request, str(error))
+        return redirect("versions_page")
+    messages.success(request, f"Evaluating {version.name} on the dev groups; this page follows it.")
+    return redirect("training_run", run_id=run.pk)
 
 
 @login_required

@@ -20,5 +20,6 @@ urlpatterns = [
     path("training/<dbid:run_id>/", training_views.training_run_page, name="training_run"),
     path("training/<dbid:run_id>/retry/", training_views.training_run_retry, name="training_run_retry"),
     path("versions/", training_views.versions_page, name="versions_page"),
+    path("versions/<dbid:version_id>/evaluate/", training_views.version_evaluate, name="version_evaluate"),
     path("arms/<dbid:arm_id>/generator-version/", training_views.arm_generator_version, name="arm_generator_version"),
 ]
