@@ -34,7 +34,10 @@ def test_the_export_names_each_version_used_and_its_lineage(researcher, tmp_path
     study.arms["base"].save()
     Candidate.objects.filter(pk=Candidate.objects.order_by("id").first().pk).update(generator_version=parent)
 
-    call_command("export_dataset", "--experiment", study.experiment.slug, "--format", "jsonl", "--out", str(tmp_path), stdout=StringIO())
+    call_command(
+        "export_dataset", "--experiment", study.experiment.slug, "--format", "jsonl", "--out", str(tmp_path),
+        "--as-user", researcher.username, stdout=StringIO(),
+    )  # fmt: skip
     tables, _, readme = read_export_zip(Path(DatasetExport.objects.get().path), "jsonl")
     rows = tables["generator_versions"]
     assert [row["generator_version"] for row in rows] == ["seed-sft-1", "study-sft-2", "study-dpo-3"]
