@@ -94,6 +94,7 @@ def test_a_worker_taken_for_lost_stops_and_registers_nothing(study: StudyFixture
     def slow_worker(**kwargs: Any) -> Any:
         # While this worker builds its data, another process's sweep sees no beat for longer than the stall time.
         rows = real_rows(**kwargs)
+        assert rows.rows  # there is data to train on: only the sweep stops this run
         later = timezone.now() + timedelta(seconds=settings.CONCORD_TRAINING_STALL_SECONDS + 1)
         assert training.training_runs_recover(now=later) == [run.pk]
         return rows
@@ -104,6 +105,7 @@ def test_a_worker_taken_for_lost_stops_and_registers_nothing(study: StudyFixture
     # The sweep's error stays (it says when the worker went quiet); the worker stopped before training.
     assert run.status == TrainingRun.Status.FAILED and run.error.startswith("The worker stopped: no progress since")
     assert not GeneratorVersion.objects.exists() and run.generator_version is None
+    assert run.dataset_path == "" and not any(tmp_path.rglob("*.jsonl"))  # it stopped at its next sign of life
 
 
 def test_a_version_is_refused_when_its_run_is_no_longer_running(study: StudyFixture, settings, tmp_path: Path) -> None:

@@ -74,6 +74,7 @@ def test_a_researcher_evaluates_a_version_from_the_versions_page(
     versions = client.get(reverse("versions_page")).content.decode()
     assert f'href="{reverse("training_run", args=[run.pk])}">evaluation {run.pk}</a>' in versions
     assert f"v1: {summary['usable_rate']:.2f} usable" in versions and "(not evaluated)" not in versions
+    assert "Evaluation of a generator version: v1" in client.get(reverse("training_page")).content.decode()
 
 
 def test_only_researchers_who_run_studies_start_evaluations(study: StudyFixture, researcher, run_tasks_now) -> None:
