@@ -306,6 +306,12 @@ CONCORD_RECOVERY_INTERVAL_SECONDS = env_float("CONCORD_RECOVERY_INTERVAL_SECONDS
 # than a model load on a fresh worker; a round still queued behind others only gets a duplicate
 # message that finds nothing to do.
 CONCORD_MEDIATION_STALL_SECONDS = env_int("CONCORD_MEDIATION_STALL_SECONDS", 300, minimum=1)
+# A training run whose worker showed no sign of life for this long (research.training: a running run
+# beats every third of it, however long a step or a model load takes) lost its worker and is marked
+# failed by the same sweep; the researcher may retry it.
+CONCORD_TRAINING_STALL_SECONDS = env_int("CONCORD_TRAINING_STALL_SECONDS", 900, minimum=3)
+# With Celery, a run still pending after this long tells the researcher no training worker took it.
+CONCORD_TRAINING_WORKER_WAIT_SECONDS = env_int("CONCORD_TRAINING_WORKER_WAIT_SECONDS", 20, minimum=0)
 
 # daphne serves static files itself unless a proxy in front does (SERVE_STATIC=0).
 SERVE_STATIC = env_bool("SERVE_STATIC", True)

@@ -10,6 +10,10 @@ lives in each process that runs tasks, and only reads and writes the database.
   lost when the server stops; the server sweeps on that loop (config.asgi starts it with the
   first connection), so the tasks it re-enqueues, and the events they send, stay on it.
 
+Layers above deliberation sweep for their own lost work in the same loop without deliberation
+importing them: each registers a check by name (recovery_check_register; research registers
+its stalled training runs from its AppConfig.ready), and every sweep calls them after its own.
+
 CONCORD_RECOVERY_INTERVAL_SECONDS sets the period (0: off; off under pytest unless a test
 turns it on) and CONCORD_MEDIATION_STALL_SECONDS when a mediation counts as lost. A running
 mediation beats (heartbeat, below) well within that time, however long its model takes to
@@ -22,7 +26,7 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -51,9 +55,24 @@ class RecoveryReport:
     failed: list[int] = field(default_factory=list)  # rounds that ran out of mediation attempts
     deadlines: dict[int, str] = field(default_factory=dict)  # round id: what its overdue phase deadline did
     waits: dict[int, str] = field(default_factory=dict)  # room id: what its overdue wait for a group did
+    checks: dict[str, object] = field(default_factory=dict)  # registered check's name: what it redid (when anything)
 
     def __bool__(self) -> bool:
-        return bool(self.requeued or self.failed or self.deadlines or self.waits)
+        return bool(self.requeued or self.failed or self.deadlines or self.waits or self.checks)
+
+
+# A check of another layer's lost work: called with the sweep's time, returns what it redid (falsy: nothing).
+RecoveryCheck = Callable[[datetime], object]
+_checks: dict[str, RecoveryCheck] = {}
+
+
+def recovery_check_register(*, name: str, check: RecoveryCheck) -> None:
+    """Have every sweep also call `check` (idempotent per name: registering again replaces it)."""
+    _checks[name] = check
+
+
+def registered_checks() -> dict[str, RecoveryCheck]:
+    return dict(_checks)
 
 
 def rounds_recover(*, stalled_after: timedelta, now: datetime | None = None) -> RecoveryReport:
@@ -143,6 +162,15 @@ def sweep_once() -> RecoveryReport | None:
     close_old_connections()
     try:
         report = rounds_recover(stalled_after=timedelta(seconds=settings.CONCORD_MEDIATION_STALL_SECONDS))
+        now = timezone.now()
+        for name, check in registered_checks().items():
+            try:
+                outcome = check(now)
+            except Exception:  # one layer's failing check must not stop the others (nor the rooms' sweep)
+                logger.exception("Recovery check %s failed", name)
+                continue
+            if outcome:
+                report.checks[name] = outcome
     except Exception:
         logger.exception("Recovery sweep failed; trying again in %s s", settings.CONCORD_RECOVERY_INTERVAL_SECONDS)
         return None

@@ -151,8 +151,16 @@ def _json_safe(values: dict[str, Any]) -> dict[str, Any]:
     return {key: None if isinstance(value, float) and math.isnan(value) else value for key, value in values.items()}
 
 
-def generator_train(*, spec: GeneratorTrainingSpec, on_progress: Progress | None = None) -> TrainedGenerator:
-    """Train as `spec` says and register the version; raise TrainingError (nothing registered) on failure."""
+def generator_train(
+    *,
+    spec: GeneratorTrainingSpec,
+    on_progress: Progress | None = None,
+    on_registered: Callable[[GeneratorVersion], None] | None = None,
+) -> TrainedGenerator:
+    """Train as `spec` says and register the version; raise TrainingError (nothing registered) on failure.
+
+    on_registered(version) runs inside the registration's transaction (a training run marks itself done
+    there); if it raises, the version is not registered and the adapter is removed."""
     base, name, out = _checked(spec)
     trainer = _train_sft if spec.method == SFT else _train_dpo
     try:
@@ -164,30 +172,36 @@ def generator_train(*, spec: GeneratorTrainingSpec, on_progress: Progress | None
         shutil.rmtree(out, ignore_errors=True)
         reason = "interrupted" if isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}: {error}"
         raise TrainingError(f"Training failed ({reason}); no version was registered.") from error
-    with transaction.atomic():
-        version = GeneratorVersion.objects.create(
-            name=name,
-            base_model=base,
-            base_model_sha256=result.base_model_sha256 or "",
-            method=GeneratorVersion.Method.FULL if spec.full else GeneratorVersion.Method.LORA,
-            training_method=spec.method,
-            path=str(Path(result.out_dir).resolve()),
-            sha256=result.adapter_sha256,
-            dataset_sha256=result.dataset_sha256,
-            params={**params, "data": str(spec.data), "eval": str(spec.eval or "")},
-            metrics=_json_safe({
-                "loss_before": result.loss_before,
-                "loss_after": result.loss_after,
-                "train_rows": result.train_rows,
-                "eval_rows": result.eval_rows,
-                "steps": result.steps,
-                "first_train_loss": result.first_train_loss,
-                "last_train_loss": result.last_train_loss,
-                "seconds": result.seconds,
-                **extra_metrics,
-            }),
-            parent=spec.parent,
-        )
+    try:
+        with transaction.atomic():
+            version = GeneratorVersion.objects.create(
+                name=name,
+                base_model=base,
+                base_model_sha256=result.base_model_sha256 or "",
+                method=GeneratorVersion.Method.FULL if spec.full else GeneratorVersion.Method.LORA,
+                training_method=spec.method,
+                path=str(Path(result.out_dir).resolve()),
+                sha256=result.adapter_sha256,
+                dataset_sha256=result.dataset_sha256,
+                params={**params, "data": str(spec.data), "eval": str(spec.eval or "")},
+                metrics=_json_safe({
+                    "loss_before": result.loss_before,
+                    "loss_after": result.loss_after,
+                    "train_rows": result.train_rows,
+                    "eval_rows": result.eval_rows,
+                    "steps": result.steps,
+                    "first_train_loss": result.first_train_loss,
+                    "last_train_loss": result.last_train_loss,
+                    "seconds": result.seconds,
+                    **extra_metrics,
+                }),
+                parent=spec.parent,
+            )
+            if on_registered is not None:
+                on_registered(version)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)  # an adapter no version names would be orphaned
+        raise
     details = result.as_dict()
     details.pop("train_losses", None)
     return TrainedGenerator(version=version, details=details)

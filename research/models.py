@@ -77,6 +77,8 @@ class TrainingRun(models.Model):
     class Kind(models.TextChoices):
         GENERATOR = "generator", "Generator"
         REWARD_MODEL = "reward_model", "Reward model (stance head)"
+        # Not training: evaluate_generator on the dev groups for one version (research.generator_evaluation).
+        EVALUATION = "evaluation", "Evaluation of a generator version"
 
     class Status(models.TextChoices):
         PENDING = "pending", "Pending"
@@ -101,8 +103,18 @@ class TrainingRun(models.Model):
     dataset_path = models.CharField(max_length=700, blank=True)
     generator_version = models.ForeignKey(GeneratorVersion, null=True, blank=True, on_delete=models.SET_NULL, related_name="training_runs")
     reward_model_version = models.ForeignKey(RewardModelVersion, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    # An evaluation run: the version it evaluates, and evaluate_generator's report once done.
+    evaluated_version = models.ForeignKey(
+        GeneratorVersion, null=True, blank=True, on_delete=models.CASCADE, related_name="evaluation_runs"
+    )
+    report = models.JSONField(default=dict, blank=True)
+    # The run a researcher retried to make this one (same data, method, base and options).
+    retry_of = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL, related_name="retries")
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
+    # The heartbeat: the worker's last sign of life (a step, or its beat while a model loads). A running run
+    # without one for CONCORD_TRAINING_STALL_SECONDS lost its worker (research.training.training_runs_recover).
+    progress_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:

@@ -38,5 +38,5 @@ TRAINING_TIME_LIMIT_S = 6 * 3600
     time_limit=TRAINING_TIME_LIMIT_S + 120,
 )
 def train_model(run_id: int) -> str:
-    """Run one training run (research.training). Idempotent: a run that already started is not started again."""
+    """Run one training (or evaluation) run (research.training). Idempotent: a run that already started is not started again."""
     return training_run_execute(run_id=run_id)

@@ -73,7 +73,27 @@ def training_run_page(request: HtmxHttpRequest, run_id: int) -> HttpResponse:
     if run is None:
         raise Http404("No such training run.")
     template = "research/partials/training_run_status.html" if request.htmx else "research/training_run.html"
-    return render(request, template, {"run": run})
+    context = {
+        "run": run,
+        "waiting_for_worker": training_selectors.training_run_waiting_for_worker(run),
+        "can_retry": training_selectors.training_run_retryable_by(request.user, run),
+    }
+    return render(request, template, context)
+
+
+@login_required
+@require_POST
+def training_run_retry(request: HtmxHttpRequest, run_id: int) -> HttpResponse:
+    run = training_selectors.training_run_visible_to(request.user, run_id)
+    if run is None:
+        raise Http404("No such training run.")
+    try:
+        retry = training.training_run_retry(user=request.user, run=run)
+    except ServiceError as error:
+        messages.error(request, str(error))
+        return redirect("training_run", run_id=run.pk)
+    messages.success(request, f"Run {run.pk} started again as run {retry.pk}, with the same data and options.")
+    return redirect("training_run", run_id=retry.pk)
 
 
 @login_required
@@ -86,8 +106,23 @@ def versions_page(request: HtmxHttpRequest) -> HttpResponse:
             "rows": training_selectors.generator_versions_overview(request.user),
             "arms": training_selectors.changeable_arms(request.user),
             "versions": GeneratorVersion.objects.all(),
+            "may_evaluate": training_selectors.may_evaluate(request.user),
+            "evaluation_groups": training.EVALUATION_DEFAULTS["groups"],
         },
     )
+
+
+@login_required
+@require_POST
+def version_evaluate(request: HtmxHttpRequest, version_id: int) -> HttpResponse:
+    version = get_object_or_404(GeneratorVersion, pk=version_id)
+    try:
+        run = training.generator_evaluation_start(user=request.user, version=version, params={"groups": request.POST.get("groups", "")})
+    except ServiceError as error:
+        messages.error(request, str(error))
+        return redirect("versions_page")
+    messages.success(request, f"Evaluating {version.name} on the dev groups; this page follows it.")
+    return redirect("training_run", run_id=run.pk)
 
 
 @login_required

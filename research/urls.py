@@ -18,6 +18,8 @@ urlpatterns = [
     path("experiments/<slug:slug>/", views.experiment_detail, name="experiment_detail"),
     path("training/", training_views.training_page, name="training_page"),
     path("training/<dbid:run_id>/", training_views.training_run_page, name="training_run"),
+    path("training/<dbid:run_id>/retry/", training_views.training_run_retry, name="training_run_retry"),
     path("versions/", training_views.versions_page, name="versions_page"),
+    path("versions/<dbid:version_id>/evaluate/", training_views.version_evaluate, name="version_evaluate"),
     path("arms/<dbid:arm_id>/generator-version/", training_views.arm_generator_version, name="arm_generator_version"),
 ]

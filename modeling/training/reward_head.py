@@ -50,6 +50,8 @@ OOD_RATINGS = DATA / "consensus_ood_eval_ratings.jsonl"
 QUESTION_BANK = ROOT.parent / "shared" / "data" / "hm_questions.json"
 
 Embed = Callable[[Sequence[str]], np.ndarray]
+# on_epoch(epoch, epochs, loss): after each full-batch epoch (1-based), for a caller following training.
+EpochProgress = Callable[[int, int, float], None]
 
 
 @dataclass(frozen=True)
@@ -132,8 +134,9 @@ def train_head(
     config: HeadConfig,
     *,
     weights: Sequence[float] | None = None,
+    on_epoch: EpochProgress | None = None,
 ) -> HeadWeights:
-    """Fit the MLP head on `rows` (full batch); `weights` per row (default 1)."""
+    """Fit the MLP head on `rows` (full batch); `weights` per row (default 1); on_epoch(epoch, epochs, loss) after each."""
     if not rows:
         raise ValueError("cannot train the stance head on zero rows")
     torch.manual_seed(config.seed)
@@ -154,7 +157,7 @@ def train_head(
     params = list(layer1.parameters()) + list(layer2.parameters())
     optimiser = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     span = LIKERT_MAX - LIKERT_MIN
-    for _ in range(config.epochs):
+    for epoch in range(config.epochs):
         optimiser.zero_grad()
         logit = layer2(dropout(torch.nn.functional.gelu(layer1(x)))).squeeze(-1)
         prediction = LIKERT_MIN + span * torch.sigmoid(logit)
@@ -164,6 +167,8 @@ def train_head(
             loss = loss + config.pairwise_weight * (bt * pair_w).sum() / pair_w.sum()
         loss.backward()
         optimiser.step()
+        if on_epoch is not None:
+            on_epoch(epoch + 1, config.epochs, float(loss.detach()))
     return HeadWeights(
         w1=layer1.weight.detach().numpy().T.copy(),
         b1=layer1.bias.detach().numpy().copy(),
@@ -184,10 +189,16 @@ def synthetic_rows(n_questions: int = 600, seed: int = 0, bank_path: str | Path 
     return rows_from_mappings(raws, source="synthetic row")
 
 
-def train_on(seed_rows: Sequence[TrainingRow], synthetic: Sequence[TrainingRow], embed: Embed, config: HeadConfig) -> HeadWeights:
+def train_on(
+    seed_rows: Sequence[TrainingRow],
+    synthetic: Sequence[TrainingRow],
+    embed: Embed,
+    config: HeadConfig,
+    on_epoch: EpochProgress | None = None,
+) -> HeadWeights:
     rows = list(seed_rows) + list(synthetic)
     weights = [1.0] * len(seed_rows) + [config.synthetic_weight] * len(synthetic)
-    return train_head(rows, embed, config, weights=weights)
+    return train_head(rows, embed, config, weights=weights, on_epoch=on_epoch)
 
 
 def train_and_save(
@@ -200,13 +211,14 @@ def train_and_save(
     encoder: str = "all-minilm-l6-v2",
     encoder_layers: int | None = None,
     calibrate_folds: int = 0,
+    on_epoch: EpochProgress | None = None,
 ) -> dict[str, Any]:
     """Train on `rows` (+ `synthetic`, down-weighted), write the head into `directory`, return its record:
     sha256, dataset hashes, config, train_mean and training-set metrics.
 
     calibrate_folds > 1: fit the affine calibration (a, b) by least squares of the true ratings on
     out-of-fold predictions (k folds by question over `rows`), so the scale reflects unseen questions."""
-    head = train_on(rows, synthetic, embed, config)
+    head = train_on(rows, synthetic, embed, config, on_epoch=on_epoch)
     head.encoder_layers = encoder_layers
     calibration = None
     if calibrate_folds > 1:

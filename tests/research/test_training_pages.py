@@ -16,6 +16,7 @@ from django.urls import reverse
 from accounts.models import Collaboration
 from deliberation import dispatch
 from deliberation.models import GeneratorVersion, Rating
+from modeling.training.reward_head import HeadConfig
 from research.models import TrainingRun
 from research.tasks import train_model
 from tests.factories import UserFactory
@@ -142,5 +143,8 @@ def test_a_reward_model_run_trains_the_stance_head_on_the_studys_ratings(
     rows = Path(run.dataset_path).read_text(encoding="utf-8").splitlines()
     # One row per rating whose rater wrote an opinion in that round: every rating of this study.
     assert len(rows) == Rating.objects.count() and version.params["data"] == run.dataset_path
-    assert run.steps_done == run.steps_total == 1 and f"registered reward model version {version.pk}" in run.log
+    # Progress is reported epoch by epoch (research.reward_training), like a generator's steps.
+    assert run.steps_done == run.steps_total == HeadConfig().epochs and run.loss is not None and run.progress_at is not None
+    assert f"step {HeadConfig().epochs}/{HeadConfig().epochs}" in run.log
+    assert f"registered reward model version {version.pk} (stance-head)" in run.log
     assert not GeneratorVersion.objects.exists()

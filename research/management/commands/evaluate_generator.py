@@ -23,12 +23,12 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from deliberation import mediator
 from deliberation.models import GeneratorVersion
-from modeling.generation.base import GenerationError, SamplingParams
-from modeling.generation.config import GeneratorConfig
+from modeling.generation.base import GenerationError
 from modeling.generation.models import ModelResolutionError
 from modeling.generation.registry import BACKENDS
-from modeling.generator_quality import DEFAULT_N, SHOWN_K, evaluate_run
-from modeling.training.consensus_data import DatasetError, dataset_sha256, load_groups
+from modeling.generator_quality import DEFAULT_N
+from modeling.training.consensus_data import DatasetError, load_groups
+from research.generator_evaluation import generator_evaluate
 
 
 class Command(BaseCommand):
@@ -109,43 +109,15 @@ class Command(BaseCommand):
             sys.stderr.write(message + "\n")
             sys.stderr.flush()
 
-        base = mediator.generator_config(backend=backend, model=(version.base_model if version else options["model"]) or "")
-        if version is not None:
-            tuned = mediator.version_config(version, backend=backend)
-        elif adapter is not None:
-            tuned = mediator.generator_config(backend=backend, model=base.model, adapter=str(adapter))
-        else:
-            tuned = None
-        sampling = SamplingParams(max_new_tokens=max_new_tokens)
-        runs = []
         try:
-            reward_model = mediator.reward_model_for(None)
-            plan: list[tuple[str, GeneratorConfig]] = []
-            if tuned is None or options["compare_base"]:
-                plan.append(("base", base))
-            if tuned is not None:
-                plan.append((version.name if version else "adapter", tuned))
-            for label, config in plan:
-                progress(f"[{label}] loading {config.backend}:{config.model}" + (f" + {config.adapter}" if config.adapter else ""))
-                # Through mediator.load_generator, as rooms load theirs (tests swap in the stand-in there).
-                generator = mediator.load_generator(config)
-                run = evaluate_run(
-                    groups, generator=generator, reward_model=reward_model, n=n, shown_k=SHOWN_K,
-                    seed=options["seed"], sampling=sampling, label=label, on_progress=progress,
-                )
-                if config.adapter:
-                    run["adapter"] = config.adapter
-                runs.append(run)
-                progress(f"[{label}] {json.dumps(_headline(run['summary']))}")
+            report = generator_evaluate(
+                groups=groups, data=data, n=n, seed=options["seed"], max_new_tokens=max_new_tokens, backend=backend,
+                version=version, model=options["model"] or "", adapter=adapter, compare_base=options["compare_base"],
+                on_progress=progress,
+            )  # fmt: skip
         except (GenerationError, ModelResolutionError) as error:
             raise CommandError(str(error)) from error
-
-        report = {
-            "data": {"path": str(data), "sha256": dataset_sha256(data), "groups": len(groups)},
-            "settings": {"n": n, "shown_k": SHOWN_K, "max_new_tokens": max_new_tokens, "seed": options["seed"],
-                         "welfare": "utilitarian"},
-            "runs": runs,
-        }
+        runs = report["runs"]
         text = json.dumps(report, indent=2, ensure_ascii=False)
         if options["out"] is not None:
             options["out"].parent.mkdir(parents=True, exist_ok=True)
@@ -157,8 +129,3 @@ class Command(BaseCommand):
         if failed:
             raise CommandError(f"generation failed for {failed} group(s); see the report's per-group errors.")
 
-
-def _headline(summary: dict[str, Any]) -> dict[str, Any]:
-    keys = ("usable_rate", "shown_usable_rate", "shown_carrying_injection", "finish_reasons", "mean_completion_tokens",
-            "seconds")
-    return {key: summary[key] for key in keys} | {k: v for k, v in summary.items() if k.startswith("groups_with_")}
