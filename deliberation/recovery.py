@@ -68,7 +68,8 @@ def rounds_recover(*, stalled_after: timedelta, now: datetime | None = None) -> 
       mediator's statement), that showed no sign of progress for
       `stalled_after` gets its mediate_round task again (or, once it has used up
       MAX_MEDIATION_ATTEMPTS, ends as failed rather than keep its group waiting);
-    - an opinion or rating phase whose deadline passed DEADLINE_GRACE ago fires it;
+    - an opinion or rating phase (or the closing questions after the last round) whose deadline passed
+      DEADLINE_GRACE ago fires it;
     - a forming group whose maximum wait ran out fires that.
 
     Idempotent, and safe from any number of processes at once: each row is rechecked under its
@@ -99,7 +100,8 @@ def rounds_recover(*, stalled_after: timedelta, now: datetime | None = None) -> 
         elif outcome == "failed":
             report.failed.append(round_id)
     overdue = Round.objects.filter(
-        Q(phase__in=[Round.Phase.OPINIONS, Round.Phase.RATING]) | Q(phase=Round.Phase.MEDIATING, mediator__isnull=False),
+        # DONE: the closing questions' timer after the last round (phases._closing_timer_start).
+        Q(phase__in=[Round.Phase.OPINIONS, Round.Phase.RATING, Round.Phase.DONE]) | Q(phase=Round.Phase.MEDIATING, mediator__isnull=False),
         phase_deadline__lt=now - DEADLINE_GRACE,
     ).values_list("pk", "phase")
     for round_id, phase in list(overdue):
