@@ -254,6 +254,14 @@ class Arm(models.Model):
         "(size groups one larger: the mediator writes no opinion).",
     )
 
+    # A researcher of the experiment (owner or editor) writes the statement from the room monitor instead of a member:
+    # the room gets a researcher's seat (Participant.researcher_seat) as its mediator, and the groups need no extra member.
+    mediator_is_researcher = models.BooleanField(
+        default=False,
+        help_text="With a human mediator: a researcher (owner or editor) writes the group statement on the room monitor's "
+        "mediator page, instead of a member.",
+    )
+
     class Meta:
         constraints = [models.UniqueConstraint(fields=["experiment", "name"], name="arm_unique_name")]
 
@@ -274,6 +282,8 @@ class Arm(models.Model):
                 raise ValidationError({"compare_with": "The compared arm must belong to the same experiment."})
             if self.k_shown < 2:
                 raise ValidationError({"k_shown": "Head-to-head needs at least 2 shown statements (one from each arm)."})
+        if self.mediator_is_researcher and not self.human_mediator:
+            raise ValidationError({"mediator_is_researcher": "A researcher mediates only in a human-mediator arm."})
 
 
 class Room(models.Model):
@@ -313,6 +323,10 @@ class Participant(models.Model):
     # their timer ran out: the member took part to the end of the discussion (finished_at is set then too) but that
     # step is missing, which their completion status and code say (docs/habermas-protocol.md).
     closing_missed_at = models.DateTimeField(null=True, blank=True)
+    # A researcher-mediated arm's mediator: not a member of the group but the seat a researcher writes the statement
+    # from (the room monitor's mediator page); `researcher` is who wrote it.
+    researcher_seat = models.BooleanField(default=False)
+    researcher = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     # Set only for simulated participants (simulate_cohort's bots): the persona they played. Null for people.
     simulated_persona = models.JSONField(null=True, blank=True)
 

@@ -161,7 +161,7 @@ class ExperimentAdmin(OwnedByResearcherAdmin):
 
 @admin.register(Arm)
 class ArmAdmin(OwnedByResearcherAdmin):
-    list_display = ["name", "experiment", "welfare_method", "welfare_alpha", "welfare_tie_break", "n_candidates", "k_shown", "reward_model", "weight", "compare_with", "exclude_one_opinion", "human_mediator"]
+    list_display = ["name", "experiment", "welfare_method", "welfare_alpha", "welfare_tie_break", "n_candidates", "k_shown", "reward_model", "weight", "compare_with", "exclude_one_opinion", "human_mediator", "mediator_is_researcher"]
 
 
 @admin.register(RewardModelVersion)

@@ -396,6 +396,11 @@ def _participant_columns(ctx: ExportContext) -> list[Column]:
         ),
         Column("attention_check_passed", "boolean", "Result of the attention check (blank: none asked or not answered)."),
         Column("excluded_from_generation", "boolean", "Exclusion protocol: this participant's opinion was left out of generation and ranking."),
+        Column(
+            "researcher_seat", "boolean",
+            "Researcher-mediated arm: this row is not a member but the seat a researcher wrote the group statement from "
+            "(the round's human_mediator_id); leave it out of analyses of members.",
+        ),
     ]
 
 
@@ -419,9 +424,9 @@ def _participant_rows(ctx: ExportContext) -> Iterator[tuple[Any, ...]]:
             round_id__in=[round_id for round_id, _ in latest.values()], round__phase=Round.Phase.DONE, round__phase_deadline__isnull=False
         ).values_list("participant_id", flat=True)
     )
-    for pk, room_id, label, external_id, joined, consented, finished, dropped, reason, closing_missed in _iterate(
+    for pk, room_id, label, external_id, joined, consented, finished, dropped, reason, closing_missed, researcher_seat in _iterate(
         _participants(ctx), ctx, "pk", "room_id", "label", "external_id", "joined_at", "consented_at", "finished_at",
-        "dropped_out_at", "dropout_reason", "closing_missed_at",
+        "dropped_out_at", "dropout_reason", "closing_missed_at", "researcher_seat",
     ):
         head: tuple[Any, ...] = (ctx.pseudonym(pk), room_id, label)
         if ctx.include_external_ids:
@@ -431,7 +436,7 @@ def _participant_rows(ctx: ExportContext) -> Iterator[tuple[Any, ...]]:
         )
         yield (
             *head, joined, consented, finished, dropped, reason, closing_missed, released.get(pk), str(status), attention.get(pk),
-            pk in excluded,
+            pk in excluded, researcher_seat,
         )
 
 

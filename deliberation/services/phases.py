@@ -19,6 +19,9 @@ from ..inputs import clean_text, visible_length
 from ..models import MIN_OPINIONS_FOR_MEDIATION, Opinion, Participant, Position, Release, Room, Round
 from .errors import InvalidInput, WrongPhase
 
+# The label of a researcher's seat as mediator (members are "Participant A", "Participant B", ...).
+RESEARCHER_SEAT_LABEL = "Mediator (researcher)"
+
 
 def round_phase_set(*, round_: Round, phase: str, deadline_seconds: int | None) -> None:
     now = timezone.now()
@@ -71,7 +74,12 @@ def round_open_opinions(*, round_: Round) -> None:
     room.started_at = timezone.now()
     room.save(update_fields=["status", "started_at"])
     round_.opinions_started_at = timezone.now()
-    if room.arm.human_mediator and round_.mediator_id is None:
+    if room.arm.human_mediator and round_.mediator_id is None and room.arm.mediator_is_researcher:
+        # A researcher mediates: the room gets a seat for them (not a member: no opinion, no rating, not in the
+        # presence list), from which the monitor's mediator page writes the statement.
+        seat = Participant.objects.create(room=room, label=RESEARCHER_SEAT_LABEL, consented_at=timezone.now(), researcher_seat=True)
+        round_.mediator_id = seat.pk
+    elif room.arm.human_mediator and round_.mediator_id is None:
         # Human mediator arm: a seeded draw (reproducible from the round's seed) names the member who writes
         # the statement instead of an opinion.
         members = list(room.participants.filter(dropped_out_at__isnull=True).order_by("id").values_list("pk", flat=True))

@@ -404,3 +404,66 @@ def test_a_study_with_a_fixed_code_gives_its_partial_code_to_those_who_missed_th
     assert member.completion_code() == "DONE-1"
     member.closing_missed_at = timezone.now()
     assert member.completion_code() == "PART-1"
+
+
+def test_a_researcher_mediates_from_the_room_monitor(researcher, outsider_researcher, tmp_path) -> None:
+    """A researcher-mediated arm: the room's mediator is a researcher's seat, not a member; the owner (or an editor)
+    writes the statement on the monitor's mediator page, with the timer; a viewer may not, another researcher sees
+    nothing; the members rate it blind."""
+    from accounts.models import Collaboration
+    from research.analytics_protocol import load_protocol
+
+    experiment = ExperimentFactory(slug="researcher-mediates", group_size=3, owner=researcher)
+    experiment.arms.all().delete()
+    ArmFactory(experiment=experiment, name="researcher", human_mediator=True, mediator_is_researcher=True)
+    members = _join(experiment, 3)
+    round_ = Round.objects.current(room_id=members[0][0].room_id)
+    seat = Participant.objects.get(pk=round_.mediator_id)
+    assert seat.researcher_seat and seat.pk not in {m.pk for m, _ in members}
+    assert all(_view(client, member) == "opinions" for member, client in members)  # every member writes
+    owner = Client()
+    owner.force_login(researcher)
+    mediate_url = reverse("room_mediate", args=[seat.room_id])
+    assert 'id="room-mediate"' in owner.get(reverse("room_monitor", args=[seat.room_id])).content.decode()
+    assert "The members are writing" in owner.get(mediate_url).content.decode()
+    for i, (member, client) in enumerate(members):
+        client.post(reverse("opinion_submit", args=[member.code]), {"text": OPINIONS[i]})
+    round_.refresh_from_db()
+    assert round_.phase == Round.Phase.MEDIATING and round_.phase_deadline is not None
+    other = Client()
+    other.force_login(outsider_researcher)
+    assert other.get(mediate_url).status_code == 404
+    Collaboration.objects.create(experiment=experiment, user=outsider_researcher, role=Collaboration.Role.VIEWER)
+    assert other.get(mediate_url).status_code == 403
+    assert other.post(mediate_url, {"text": "A viewer's statement that should never be stored anywhere."}).status_code == 403
+    page = owner.get(mediate_url).content.decode()
+    assert all(text in page for text in OPINIONS[:3]) and 'id="mediator-form"' in page and 'class="timer" data-deadline=' in page
+    owner.post(mediate_url, {"text": "Too short"})
+    assert not Candidate.objects.filter(round=round_).exists()
+    assert "Too short" in owner.get(mediate_url).content.decode()  # the draft is kept
+    statement = "We agree that public services need money, and we disagree on whether higher rates on the rich are the way."
+    assert owner.post(mediate_url, {"text": statement}).status_code == 302
+    candidate = Candidate.objects.get(round=round_)
+    assert candidate.author_id == seat.pk and candidate.backend == "human"
+    assert Participant.objects.get(pk=seat.pk).researcher_id == researcher.pk
+    member, client = members[0]
+    page = _page(client, member)
+    assert 'data-view="rating"' in page and statement in page and "Mediator" not in page and "researcher" not in page.lower()
+    for member, client in members:
+        _rate_and_rank(member, client)
+    round_.refresh_from_db()
+    assert round_.phase == Round.Phase.DONE and round_.outcome == Round.Outcome.COMPLETED
+    assert "This round is over" in owner.get(mediate_url).content.decode()
+    assert load_protocol(experiment).outcomes[0].human_mediated
+    participants = _exported_statuses(experiment, tmp_path)
+    assert participants[seat.label]["researcher_seat"] == "true"
+    assert {participants[m.label]["researcher_seat"] for m, _ in members} == {"false"}
+
+
+def test_a_room_mediated_by_a_member_has_no_researcher_mediator_page(researcher) -> None:
+    experiment = _human_arm_experiment("member-mediates")
+    Experiment.objects.filter(pk=experiment.pk).update(owner=researcher)
+    members = _join(experiment, 3)
+    owner = Client()
+    owner.force_login(researcher)
+    assert owner.get(reverse("room_mediate", args=[members[0][0].room_id])).status_code == 404
