@@ -162,6 +162,11 @@ class Experiment(models.Model):
         "group size) or the waiting participants are released with a code. 0: wait for a full group.",
     )
     release_code = models.CharField(max_length=64, blank=True, help_text="Code given to released participants (blank: derived per person).")
+    partial_completion_code = models.CharField(
+        max_length=64, blank=True,
+        help_text="Code given to members who took part to the end of the discussion but did not answer the closing questions "
+        "before their timer ran out (blank: derived per person, starting with P).",
+    )
     require_allow_list = models.BooleanField(default=False, help_text="Only external ids on the allow-list may join.")
     allow_several_seats_per_browser = models.BooleanField(
         default=False,
@@ -249,6 +254,14 @@ class Arm(models.Model):
         "(size groups one larger: the mediator writes no opinion).",
     )
 
+    # A researcher of the experiment (owner or editor) writes the statement from the room monitor instead of a member:
+    # the room gets a researcher's seat (Participant.researcher_seat) as its mediator, and the groups need no extra member.
+    mediator_is_researcher = models.BooleanField(
+        default=False,
+        help_text="With a human mediator: a researcher (owner or editor) writes the group statement on the room monitor's "
+        "mediator page, instead of a member.",
+    )
+
     class Meta:
         constraints = [models.UniqueConstraint(fields=["experiment", "name"], name="arm_unique_name")]
 
@@ -269,6 +282,8 @@ class Arm(models.Model):
                 raise ValidationError({"compare_with": "The compared arm must belong to the same experiment."})
             if self.k_shown < 2:
                 raise ValidationError({"k_shown": "Head-to-head needs at least 2 shown statements (one from each arm)."})
+        if self.mediator_is_researcher and not self.human_mediator:
+            raise ValidationError({"mediator_is_researcher": "A researcher mediates only in a human-mediator arm."})
 
 
 class Room(models.Model):
@@ -304,6 +319,14 @@ class Participant(models.Model):
     dropped_out_at = models.DateTimeField(null=True, blank=True)
     dropout_reason = models.CharField(max_length=200, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    # The Habermas Machine protocol's closing questions (final preference, position after) were still unanswered when
+    # their timer ran out: the member took part to the end of the discussion (finished_at is set then too) but that
+    # step is missing, which their completion status and code say (docs/habermas-protocol.md).
+    closing_missed_at = models.DateTimeField(null=True, blank=True)
+    # A researcher-mediated arm's mediator: not a member of the group but the seat a researcher writes the statement
+    # from (the room monitor's mediator page); `researcher` is who wrote it.
+    researcher_seat = models.BooleanField(default=False)
+    researcher = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     # Set only for simulated participants (simulate_cohort's bots): the persona they played. Null for people.
     simulated_persona = models.JSONField(null=True, blank=True)
 
@@ -336,13 +359,18 @@ class Participant(models.Model):
             return CompletionStatus.RELEASED
         if self.has_left and not self.has_finished:
             return CompletionStatus.DROPPED
+        if self.closing_missed_at is not None:
+            return CompletionStatus.CLOSING_MISSED
         if self.has_finished or round_done:
             return CompletionStatus.COMPLETED
         return CompletionStatus.INCOMPLETE
 
     def completion_code(self) -> str:
-        """What a participant who took part is given for their panel (the study's fixed code, if it has one)."""
+        """What a participant who took part is given for their panel (the study's fixed code, if it has one); a member
+        whose closing questions timed out gets the partial code instead, so the panel can tell them apart."""
         experiment = self.room.experiment
+        if self.closing_missed_at is not None:
+            return experiment.partial_completion_code or self._derived_code("partial", "P")
         return experiment.completion_code or self._derived_code("completion", "C")
 
     def release_code(self) -> str:
@@ -532,6 +560,7 @@ class CompletionStatus(models.TextChoices):
     """Participant.completion_status: which code, if any, a participant was given."""
 
     COMPLETED = "completed", "Completed (given the completion code)"
+    CLOSING_MISSED = "closing_missed", "Took part to the end; closing questions unanswered before their timer (given the partial code)"
     DROPPED = "dropped", "Dropped out (no code)"
     RELEASED = "released", "Released without a group (given the release code)"
     INCOMPLETE = "incomplete", "Incomplete (still in the study, or left without being recorded)"

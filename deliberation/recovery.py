@@ -39,7 +39,7 @@ from django.utils import timezone
 
 from . import dispatch, events, services
 from .dispatch import TaskName
-from .models import Room, Round
+from .models import Candidate, Room, Round
 
 logger = logging.getLogger(__name__)
 
@@ -83,10 +83,12 @@ def rounds_recover(*, stalled_after: timedelta, now: datetime | None = None) -> 
     is down fails after the write it belonged to has committed. The database still says what
     should be happening, so this sweep reads it and acts:
 
-    - a round in mediation, without candidates, that showed no sign of progress for
+    - a round in mediation, without model-written candidates (a head-to-head round may already hold its human
+      mediator's statement), that showed no sign of progress for
       `stalled_after` gets its mediate_round task again (or, once it has used up
       MAX_MEDIATION_ATTEMPTS, ends as failed rather than keep its group waiting);
-    - an opinion or rating phase whose deadline passed DEADLINE_GRACE ago fires it;
+    - an opinion or rating phase (or the closing questions after the last round) whose deadline passed
+      DEADLINE_GRACE ago fires it;
     - a forming group whose maximum wait ran out fires that.
 
     Idempotent, and safe from any number of processes at once: each row is rechecked under its
@@ -100,8 +102,10 @@ def rounds_recover(*, stalled_after: timedelta, now: datetime | None = None) -> 
     cutoff = now - stalled_after
     stalled = (
         # A human mediator's round has no task to lose (its writing timer is an ordinary deadline, below), unless a
-        # model writes beside the mediator (head-to-head).
-        Round.objects.filter(phase=Round.Phase.MEDIATING, candidates__isnull=True)
+        # model writes beside the mediator (head-to-head): then the human statement may already be in while the
+        # model's task was lost, so "no statement yet" means no model-written one.
+        Round.objects.filter(phase=Round.Phase.MEDIATING)
+        .exclude(pk__in=Candidate.objects.filter(author__isnull=True).values("round_id"))
         .filter(Q(mediator__isnull=True) | Q(room__arm__compare_with__isnull=False))
         .annotate(last_sign=Coalesce("progress_at", "mediation_started_at"))
         .filter(last_sign__lt=cutoff)
@@ -115,7 +119,8 @@ def rounds_recover(*, stalled_after: timedelta, now: datetime | None = None) -> 
         elif outcome == "failed":
             report.failed.append(round_id)
     overdue = Round.objects.filter(
-        Q(phase__in=[Round.Phase.OPINIONS, Round.Phase.RATING]) | Q(phase=Round.Phase.MEDIATING, mediator__isnull=False),
+        # DONE: the closing questions' timer after the last round (phases._closing_timer_start).
+        Q(phase__in=[Round.Phase.OPINIONS, Round.Phase.RATING, Round.Phase.DONE]) | Q(phase=Round.Phase.MEDIATING, mediator__isnull=False),
         phase_deadline__lt=now - DEADLINE_GRACE,
     ).values_list("pk", "phase")
     for round_id, phase in list(overdue):
@@ -136,7 +141,8 @@ def _mediation_recover(*, round_id: int, cutoff: datetime, now: datetime) -> str
         if round_ is None:
             return "busy"
         last_sign = round_.progress_at or round_.mediation_started_at
-        if round_.phase != Round.Phase.MEDIATING or round_.candidates.exists() or last_sign is None or last_sign >= cutoff:
+        model_written = round_.candidates.filter(author__isnull=True).exists()  # a human mediator's statement is no model's
+        if round_.phase != Round.Phase.MEDIATING or model_written or last_sign is None or last_sign >= cutoff:
             return "moved"
         round_.progress_at = now
         if not round_.mediation_attempts_left():

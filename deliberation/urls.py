@@ -19,6 +19,7 @@ urlpatterns = [
     path("p/<str:code>/closing/", views_protocol.closing_submit, name="closing_submit"),
     path("p/<str:code>/statement/", views_protocol.mediator_statement_submit, name="mediator_statement_submit"),
     path("researcher/rooms/<dbid:room_id>/", views.room_monitor, name="room_monitor"),
+    path("researcher/rooms/<dbid:room_id>/mediate/", views_protocol.room_mediate, name="room_mediate"),
     path("researcher/rooms/<dbid:room_id>/start/", views.room_start, name="room_start"),
     path("researcher/participants/<dbid:participant_id>/move-seat/", views.seat_transfer_issue, name="seat_transfer_issue"),
 ]

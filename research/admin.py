@@ -112,7 +112,7 @@ class ExperimentAdmin(OwnedByResearcherAdmin):
         ("Questions", {"fields": ["questions", "question_split", "question_topic"], "description": "Attach questions, or leave none attached and draw from the whole bank by split and topic."}),
         ("Protocols", {"fields": ["rate_opinions", "attention_check", "assignment_seed"]}),
         ("Habermas Machine protocol", {"fields": ["critique_rounds", "ask_positions"], "description": "Critique-and-revision rounds and positions before and after (docs/habermas-protocol.md). A human mediator is an arm setting."}),
-        ("Participants", {"fields": ["require_allow_list", "allow_several_seats_per_browser", "add_allowed_external_ids", "allow_list_file", "completion_code", "completion_url", "release_code"]}),
+        ("Participants", {"fields": ["require_allow_list", "allow_several_seats_per_browser", "add_allowed_external_ids", "allow_list_file", "completion_code", "completion_url", "release_code", "partial_completion_code"]}),
     ]
 
     def save_related(self, request, form, formsets, change) -> None:
@@ -161,7 +161,7 @@ class ExperimentAdmin(OwnedByResearcherAdmin):
 
 @admin.register(Arm)
 class ArmAdmin(OwnedByResearcherAdmin):
-    list_display = ["name", "experiment", "welfare_method", "welfare_alpha", "welfare_tie_break", "n_candidates", "k_shown", "reward_model", "weight", "compare_with", "exclude_one_opinion", "human_mediator"]
+    list_display = ["name", "experiment", "welfare_method", "welfare_alpha", "welfare_tie_break", "n_candidates", "k_shown", "reward_model", "weight", "compare_with", "exclude_one_opinion", "human_mediator", "mediator_is_researcher"]
 
 
 @admin.register(RewardModelVersion)

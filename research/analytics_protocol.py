@@ -264,3 +264,59 @@ def load_protocol(experiment: Experiment) -> ProtocolData:
         preference.prefers_revision for preference in FinalPreference.objects.filter(participant__room__experiment=experiment).order_by("id")
     ]
     return data
+
+
+# --- On the researcher's analytics page and in its CSV ------------------------------------------------
+
+
+def uses_protocol(experiment: Experiment) -> bool:
+    """The experiment runs a step of the protocol: critique rounds, positions, or a human-mediator arm.
+
+    Asked before anything is loaded, so the analytics page of a plain experiment costs one small query."""
+    return experiment.critique_rounds > 0 or experiment.ask_positions or experiment.arms.filter(human_mediator=True).exists()
+
+
+def report_for(experiment: Experiment) -> ProtocolReport | None:
+    """The protocol's figures, or None (without loading a row) when the experiment does not use the protocol."""
+    return protocol_report(load_protocol(experiment)) if uses_protocol(experiment) else None
+
+
+@dataclass(frozen=True)
+class ProtocolRow:
+    key: str  # the metric's name in the CSV
+    label: str
+    unit: str  # what n counts (singular; the page pluralises)
+    interval: Interval
+
+
+def protocol_rows(report: ProtocolReport) -> list[ProtocolRow]:
+    """The figures in the order the page and the CSV show them."""
+    positions = report.positions
+    return [
+        ProtocolRow("revised_minus_first_agreement", "Agreement: revised − first statement (paired, per group)", "group",
+                    report.revised_minus_first_agreement),
+        ProtocolRow("share_preferring_revision", "Share preferring the revision (final preference)", "member", report.share_preferring_revision),
+        ProtocolRow("position_movement_toward_statement", "Positions: movement toward the group statement (positive: closer)", "group",
+                    positions.movement_toward_statement),
+        ProtocolRow("position_spread_before", "Positions: spread within the group, before", "group", positions.spread_before),
+        ProtocolRow("position_spread_after", "Positions: spread within the group, after", "group", positions.spread_after),
+        ProtocolRow("position_spread_change", "Positions: spread after − before (negative: converged)", "group", positions.spread_change),
+        ProtocolRow("ai_minus_human_agreement", "Agreement with the final statement: AI − human mediator (Welch)", "group",
+                    report.ai_minus_human_agreement),
+        ProtocolRow("share_preferring_ai", "Side by side: share of choices for the AI's statement over the human's", "choice",
+                    report.share_preferring_ai),
+    ]
+
+
+def protocol_csv_rows(report: ProtocolReport) -> list[list[str | int]]:
+    """Rows in the analytics CSV's columns (exclusions, kind, arm_id, arm, other_arm, metric, value, ci_low, ci_high,
+    n_groups, p_value, p_holm): kind "protocol", no exclusion rule applied, n in the row's own unit (metric `<key>`;
+    the unit is in docs/habermas-protocol.md)."""
+
+    def cell(value: float | None) -> str:
+        return "" if value is None else f"{value:.6g}"
+
+    return [
+        ["none", "protocol", "", "", "", row.key, cell(row.interval.estimate), cell(row.interval.low), cell(row.interval.high), row.interval.n, "", ""]
+        for row in protocol_rows(report)
+    ]

@@ -381,14 +381,26 @@ def _participant_columns(ctx: ExportContext) -> list[Column]:
         Column("finished_at", "datetime", "When the participant submitted the final ranking, UTC."),
         Column("dropped_out_at", "datetime", "When the participant was recorded as having dropped out (a phase deadline passed), UTC."),
         Column("dropout_reason", "string", "Why the participant was recorded as dropped out."),
+        Column(
+            "closing_missed_at", "datetime",
+            "Habermas Machine protocol: when the closing questions' timer ran out before this member answered them (blank: answered, "
+            "or not asked). They took part to the end of the discussion; final preference and position after are missing.",
+        ),
         Column("released_at", "datetime", "When the participant was released without a group after the maximum wait, UTC."),
         Column(
             "completion_status", "string",
             "Which code the participant was given: completed (the completion code: they finished, or their group's round ended while "
-            "they were still in it), dropped (no code: recorded as dropped out), released (the release code) or incomplete (no code yet).",
+            "they were still in it), closing_missed (the partial code: they took part to the end but the closing questions' timer ran "
+            "out first), dropped (no code: recorded as dropped out), released (the release code) or incomplete (no code yet, e.g. "
+            "still answering the closing questions).",
         ),
         Column("attention_check_passed", "boolean", "Result of the attention check (blank: none asked or not answered)."),
         Column("excluded_from_generation", "boolean", "Exclusion protocol: this participant's opinion was left out of generation and ranking."),
+        Column(
+            "researcher_seat", "boolean",
+            "Researcher-mediated arm: this row is not a member but the seat a researcher wrote the group statement from "
+            "(the round's human_mediator_id); leave it out of analyses of members.",
+        ),
     ]
 
 
@@ -398,21 +410,34 @@ def _participant_rows(ctx: ExportContext) -> Iterator[tuple[Any, ...]]:
     attention = dict(AttentionCheck.objects.filter(participant__room__experiment=experiment).values_list("participant_id", "passed"))
     excluded = set(Round.objects.filter(room__experiment=experiment).exclude(excluded_participant=None).values_list("excluded_participant_id", flat=True))
     # Each room's latest round (a later index overwrites an earlier one): is it done?
-    room_done = {
-        room_id: phase == Round.Phase.DONE
-        for room_id, phase in Round.objects.filter(room__experiment=experiment).order_by("room_id", "index").values_list("room_id", "phase")
+    latest: dict[int, tuple[int, str]] = {
+        room_id: (round_id, phase)
+        for room_id, round_id, phase in Round.objects.filter(room__experiment=experiment).order_by("room_id", "index").values_list(
+            "room_id", "pk", "phase"
+        )
     }
-    for pk, room_id, label, external_id, joined, consented, finished, dropped, reason in _iterate(
+    room_done = {room_id: phase == Round.Phase.DONE for room_id, (_, phase) in latest.items()}
+    # Still answering the closing questions (their timer has not run out): the round is done but they are not, so their
+    # status is incomplete, not completed.
+    closing_open = set(
+        Ranking.objects.filter(
+            round_id__in=[round_id for round_id, _ in latest.values()], round__phase=Round.Phase.DONE, round__phase_deadline__isnull=False
+        ).values_list("participant_id", flat=True)
+    )
+    for pk, room_id, label, external_id, joined, consented, finished, dropped, reason, closing_missed, researcher_seat in _iterate(
         _participants(ctx), ctx, "pk", "room_id", "label", "external_id", "joined_at", "consented_at", "finished_at",
-        "dropped_out_at", "dropout_reason",
+        "dropped_out_at", "dropout_reason", "closing_missed_at", "researcher_seat",
     ):
         head: tuple[Any, ...] = (ctx.pseudonym(pk), room_id, label)
         if ctx.include_external_ids:
             head += (external_id,)
-        status = Participant(finished_at=finished, dropped_out_at=dropped).completion_status(
-            released=pk in released, round_done=room_done.get(room_id, False)
+        status = Participant(finished_at=finished, dropped_out_at=dropped, closing_missed_at=closing_missed).completion_status(
+            released=pk in released, round_done=room_done.get(room_id, False) and pk not in closing_open
         )
-        yield (*head, joined, consented, finished, dropped, reason, released.get(pk), str(status), attention.get(pk), pk in excluded)
+        yield (
+            *head, joined, consented, finished, dropped, reason, closing_missed, released.get(pk), str(status), attention.get(pk),
+            pk in excluded, researcher_seat,
+        )
 
 
 PARTICIPANTS = Table(

@@ -7,6 +7,9 @@ requests) and downloads of exports with external ids need the owner or an editor
 
 from __future__ import annotations
 
+import csv
+import io
+
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
@@ -20,7 +23,7 @@ from deliberation import ratelimit
 from deliberation.http import HtmxHttpRequest
 from deliberation.models import Experiment
 
-from . import analytics, plots, selectors, services
+from . import analytics, analytics_protocol, plots, selectors, services
 from .exports import PSEUDONYM_KEY_WARNING, export_for, pseudonyms_reversible
 from .models import DatasetExport
 
@@ -88,11 +91,14 @@ def _analytics_report(request: HtmxHttpRequest, experiment: Experiment) -> analy
 def analytics_page(request: HtmxHttpRequest, slug: str) -> HttpResponse:
     experiment = _own_experiment(request, slug)
     report = _analytics_report(request, experiment)
+    # The protocol's figures are computed only for an experiment that uses the protocol (one query otherwise).
+    protocol = analytics_protocol.report_for(experiment)
     return render(
         request,
         "research/analytics.html",
         {
             "experiment": experiment, "report": report, "rows": analytics.table_rows(report), "charts": analytics.charts(report),
+            "protocol_rows": analytics_protocol.protocol_rows(protocol) if protocol is not None else None,
             "rules": [(rule, label, rule in report.analysis.rules) for rule, label in selectors.EXCLUSION_RULES.items()],
             "query": request.GET.urlencode(),
             # The figures are drawn from the analysis just computed and inlined as data URIs (an <img> runs no
@@ -106,7 +112,13 @@ def analytics_page(request: HtmxHttpRequest, slug: str) -> HttpResponse:
 @require_safe
 def analytics_csv(request: HtmxHttpRequest, slug: str) -> HttpResponse:
     experiment = _own_experiment(request, slug)
-    response = HttpResponse(analytics.report_csv(_analytics_report(request, experiment)), content_type="text/csv; charset=utf-8")
+    body = analytics.report_csv(_analytics_report(request, experiment))
+    protocol = analytics_protocol.report_for(experiment)
+    if protocol is not None:
+        out = io.StringIO()
+        csv.writer(out).writerows(analytics_protocol.protocol_csv_rows(protocol))
+        body += out.getvalue()
+    response = HttpResponse(body, content_type="text/csv; charset=utf-8")
     response["Content-Disposition"] = f'attachment; filename="{experiment.slug}-analytics.csv"'
     return response
 

@@ -42,7 +42,13 @@ from .phases import (
     round_finish,
     round_start,
 )
-from .protocol import closing_submit, mediator_statement_submit, position_before_submit
+from .protocol import (
+    closing_submit,
+    mediator_statement_submit,
+    position_before_submit,
+    researcher_mediator_draft_save,
+    researcher_mediator_statement_submit,
+)
 from .rating import (
     attention_check_submit,
     opinion_rating_submit,
@@ -68,6 +74,8 @@ __all__ = [
     "mediation_heartbeat",
     "mediation_progress",
     "mediator_statement_submit",
+    "researcher_mediator_draft_save",
+    "researcher_mediator_statement_submit",
     "opinion_rating_submit",
     "opinion_save_draft",
     "opinion_submit",

@@ -13,11 +13,14 @@ from datetime import timedelta
 from django.db import transaction
 from django.utils import timezone
 
-from .. import dispatch, events
+from .. import dispatch, events, selectors
 from ..dispatch import TaskName
 from ..inputs import clean_text, visible_length
 from ..models import MIN_OPINIONS_FOR_MEDIATION, Opinion, Participant, Position, Release, Room, Round
 from .errors import InvalidInput, WrongPhase
+
+# The label of a researcher's seat as mediator (members are "Participant A", "Participant B", ...).
+RESEARCHER_SEAT_LABEL = "Mediator (researcher)"
 
 
 def round_phase_set(*, round_: Round, phase: str, deadline_seconds: int | None) -> None:
@@ -71,7 +74,12 @@ def round_open_opinions(*, round_: Round) -> None:
     room.started_at = timezone.now()
     room.save(update_fields=["status", "started_at"])
     round_.opinions_started_at = timezone.now()
-    if room.arm.human_mediator and round_.mediator_id is None:
+    if room.arm.human_mediator and round_.mediator_id is None and room.arm.mediator_is_researcher:
+        # A researcher mediates: the room gets a seat for them (not a member: no opinion, no rating, not in the
+        # presence list), from which the monitor's mediator page writes the statement.
+        seat = Participant.objects.create(room=room, label=RESEARCHER_SEAT_LABEL, consented_at=timezone.now(), researcher_seat=True)
+        round_.mediator_id = seat.pk
+    elif room.arm.human_mediator and round_.mediator_id is None:
         # Human mediator arm: a seeded draw (reproducible from the round's seed) names the member who writes
         # the statement instead of an opinion.
         members = list(room.participants.filter(dropped_out_at__isnull=True).order_by("id").values_list("pk", flat=True))
@@ -191,6 +199,8 @@ def round_deadline_fire(*, round_id: int, phase: str) -> str:
             round_.save(update_fields=["mediation_error"])
             round_finish(round_=round_, outcome=Round.Outcome.FAILED)
             return "failed"
+        if phase == Round.Phase.DONE:
+            return _closing_deadline_fire(round_=round_)
         if phase == Round.Phase.RATING:
             raters = round_.rater_ids()
             ranked = round_.ranked_ids()
@@ -208,6 +218,42 @@ def round_finish(*, round_: Round, outcome: str) -> None:
     if outcome == Round.Outcome.COMPLETED and _critique_round_open(previous=round_):
         return
     Room.objects.filter(pk=round_.room_id).update(status=Room.Status.CLOSED, closed_at=timezone.now())
+    if outcome == Round.Outcome.COMPLETED:
+        _closing_timer_start(round_=round_)
+
+
+def _closing_timer_start(*, round_: Round) -> None:
+    """After the last round, the closing questions (final preference, position after) get a timer like the other
+    phases: the round's deadline while it is done, fired by the same ROUND_DEADLINE task (phase "done") and, if that
+    task is lost, by the recovery sweep. It runs for the rating phase's time (0: no timer, as for rating)."""
+    experiment = Room.objects.select_related("experiment").get(pk=round_.room_id).experiment
+    seconds = experiment.rating_seconds
+    if not seconds or (not experiment.ask_positions and selectors.closing_statements(round_=round_) is None):
+        return  # no closing questions (or no timers in this study)
+    round_.phase_deadline = timezone.now() + timedelta(seconds=seconds)
+    round_.save(update_fields=["phase_deadline"])
+    _round_deadline_schedule(round_id=round_.pk, phase=Round.Phase.DONE, seconds=seconds)
+
+
+def _closing_deadline_fire(*, round_: Round) -> str:
+    """The closing questions' timer ran out: members who ranked the last round and have not answered took part to the
+    end of the discussion, so they are finished (with their code) but recorded with the step missing
+    (Participant.closing_missed_at), which their completion status and code say; they are not marked dropped."""
+    if round_.phase_deadline is None:
+        return "stale"  # fired already (or no closing timer)
+    now = timezone.now()
+    late = list(
+        Participant.objects.select_for_update()
+        .filter(pk__in=round_.ranked_ids(), finished_at__isnull=True, dropped_out_at__isnull=True)
+        .order_by("id")
+    )
+    for participant in late:
+        participant.finished_at = participant.closing_missed_at = now
+        participant.save(update_fields=["finished_at", "closing_missed_at"])
+        events.send_on_commit(events.ParticipantFinished(room_id=round_.room_id, round_id=round_.pk, participant_id=participant.pk))
+    round_.phase_deadline = None
+    round_.save(update_fields=["phase_deadline"])
+    return "closing missed" if late else "closed"
 
 
 def _critique_round_open(*, previous: Round) -> Round | None:

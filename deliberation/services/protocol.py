@@ -8,15 +8,17 @@ revised statement), and the human mediator's statement.
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.db import transaction
 from django.utils import timezone
 
 from .. import events, selectors
 from ..inputs import clean_text, visible_length
-from ..models import Candidate, FinalPreference, Participant, Position, Presentation, Round
+from ..models import Candidate, FinalPreference, Participant, Position, Presentation, Room, Round
 from .errors import InvalidInput, WrongPhase
 from .mediation import rating_open
-from .phases import round_phase_set
+from .phases import opinion_save_draft, round_phase_set
 from .rating import _parse_likert
 
 # A group statement is longer than one opinion; the human mediator's limit.
@@ -146,3 +148,23 @@ def mediator_statement_submit(*, participant: Participant, text: str) -> Candida
         events.send_on_commit(events.CandidatesReady(room_id=round_.room_id, round_id=round_.pk))
         round_phase_set(round_=round_, phase=Round.Phase.RATING, deadline_seconds=experiment.rating_seconds)
     return candidate
+
+
+def researcher_mediator_statement_submit(*, room: Room, researcher: Any, text: str) -> Candidate:
+    """A researcher-mediated arm: the researcher (the view checked they may change the experiment) writes the current
+    round's statement through the room's researcher seat, exactly as a member mediator would; who wrote it is kept."""
+    with transaction.atomic():
+        round_ = Round.objects.select_for_update().select_related("mediator").current(room_id=room.pk)
+        seat = round_.mediator
+        if seat is None or not seat.researcher_seat:
+            raise WrongPhase("A researcher does not mediate this room.")
+        candidate = mediator_statement_submit(participant=seat, text=text)
+        Participant.objects.filter(pk=seat.pk, researcher__isnull=True).update(researcher=researcher)
+    return candidate
+
+
+def researcher_mediator_draft_save(*, room: Room, text: str) -> None:
+    """Keep the researcher's draft on the seat, as a member mediator's is kept (a refused or reloaded page loses nothing)."""
+    round_ = Round.objects.select_related("mediator").current(room_id=room.pk)
+    if round_.mediator is not None and round_.mediator.researcher_seat:
+        opinion_save_draft(participant=round_.mediator, text=text)

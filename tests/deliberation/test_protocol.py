@@ -320,3 +320,150 @@ def test_human_and_model_statements_side_by_side_for_head_to_head_preferences(hu
 
     data = load_protocol(experiment)
     assert data.ai_over_human == [True] * 6
+
+
+def _exported_statuses(experiment: Experiment, tmp_path) -> dict[str, dict[str, str]]:
+    from io import StringIO
+    from pathlib import Path
+
+    from django.core.management import call_command
+
+    from research.models import DatasetExport
+    from tests.research.study import read_export_zip
+
+    out = tmp_path / f"export-{DatasetExport.objects.count()}"
+    call_command("export_dataset", "--experiment", experiment.slug, "--format", "csv", "--out", str(out), "--as-user", experiment.owner.username,
+                 stdout=StringIO())
+    tables, _, _ = read_export_zip(Path(DatasetExport.objects.order_by("-id").first().path), "csv")
+    return {row["label"]: row for row in tables["participants"]}
+
+
+def test_the_closing_questions_have_a_timer_and_a_member_who_misses_it_is_recorded(
+    tmp_path, django_capture_on_commit_callbacks, monkeypatch
+) -> None:
+    """After the last round the closing questions run on the round's timer, fired like the other phases' (the
+    ROUND_DEADLINE task, or the recovery sweep when that task was lost). A member who has not answered by then took
+    part to the end: they finish with the step missing (closing_missed), a partial code, and the export says so."""
+    from deliberation import dispatch, recovery
+    from deliberation.dispatch import TaskName
+
+    experiment = ExperimentFactory(slug="closing-timer", group_size=3, ask_positions=True, rating_seconds=120)
+    members = _join(experiment, 3)
+    for i, (member, client) in enumerate(members):
+        client.post(reverse("position_submit", args=[member.code]), {"position": str(2 + i), "strength": "5"})
+        client.post(reverse("opinion_submit", args=[member.code]), {"text": OPINIONS[i]})
+    round_ = Round.objects.current(room_id=members[0][0].room_id)
+    assert mediate_round.apply(args=[round_.pk]).get() == "stored"
+    scheduled: list[tuple[str, list[object], float]] = []
+    monkeypatch.setattr(dispatch, "enqueue", lambda name, *, args, countdown=0.0: scheduled.append((str(name), list(args), countdown)) or True)
+    with django_capture_on_commit_callbacks(execute=True):
+        for member, client in members:
+            _rate_and_rank(member, client)
+    round_.refresh_from_db()
+    assert round_.phase == Round.Phase.DONE and round_.phase_deadline is not None
+    assert (TaskName.ROUND_DEADLINE.value, [round_.pk, "done"], 120.5) in scheduled
+    # The closing screen shows its timer, as the other phases do.
+    (answering, answering_client), (late, late_client), (late_too, _) = members
+    page = _page(late_client, late)
+    assert 'data-view="closing"' in page and 'class="timer" data-deadline=' in page
+    answering_client.post(reverse("closing_submit", args=[answering.code]), {"position": "4", "strength": "4"})
+    # Before the deadline the late members are still answering: not "completed" in the export.
+    statuses = _exported_statuses(experiment, tmp_path)
+    assert statuses[answering.label]["completion_status"] == "completed"
+    assert statuses[late.label]["completion_status"] == "incomplete"
+    assert services.round_deadline_fire(round_id=round_.pk, phase=Round.Phase.DONE) == "early"
+
+    # The timer's task was lost: the recovery sweep fires the deadline.
+    Round.objects.filter(pk=round_.pk).update(phase_deadline=timezone.now() - recovery.DEADLINE_GRACE * 2)
+    report = recovery.rounds_recover(stalled_after=timedelta(minutes=5))
+    assert report.deadlines == {round_.pk: "closing missed"}
+    assert not recovery.rounds_recover(stalled_after=timedelta(minutes=5))  # fired once
+    assert services.round_deadline_fire(round_id=round_.pk, phase=Round.Phase.DONE) == "stale"  # the task, late
+    for member in (late, late_too):
+        member.refresh_from_db()
+        assert member.finished_at is not None and member.closing_missed_at is not None and member.dropped_out_at is None
+        assert member.completion_status(released=False, round_done=True) == "closing_missed"
+        assert member.completion_code().startswith("P") and not Position.objects.filter(participant=member, stage="after").exists()
+    answering.refresh_from_db()
+    assert answering.completion_code().startswith("C") and answering.closing_missed_at is None
+    page = _page(late_client, late)
+    assert 'data-view="done"' in page and 'id="closing-missed"' in page and late.completion_code() in page
+    assert 'class="timer"' not in page
+    # An answer after the deadline changes nothing.
+    late_client.post(reverse("closing_submit", args=[late.code]), {"position": "4", "strength": "4"})
+    assert not Position.objects.filter(participant=late, stage="after").exists()
+    statuses = _exported_statuses(experiment, tmp_path)
+    assert statuses[answering.label]["completion_status"] == "completed" and statuses[answering.label]["closing_missed_at"] == ""
+    assert statuses[late.label]["completion_status"] == statuses[late_too.label]["completion_status"] == "closing_missed"
+    assert statuses[late.label]["closing_missed_at"] != ""
+
+
+def test_a_study_with_a_fixed_code_gives_its_partial_code_to_those_who_missed_the_closing_questions() -> None:
+    experiment = ExperimentFactory(slug="closing-codes", completion_code="DONE-1", partial_completion_code="PART-1")
+    member = services.participant_join(experiment=experiment)
+    assert member.completion_code() == "DONE-1"
+    member.closing_missed_at = timezone.now()
+    assert member.completion_code() == "PART-1"
+
+
+def test_a_researcher_mediates_from_the_room_monitor(researcher, outsider_researcher, tmp_path) -> None:
+    """A researcher-mediated arm: the room's mediator is a researcher's seat, not a member; the owner (or an editor)
+    writes the statement on the monitor's mediator page, with the timer; a viewer may not, another researcher sees
+    nothing; the members rate it blind."""
+    from accounts.models import Collaboration
+    from research.analytics_protocol import load_protocol
+
+    experiment = ExperimentFactory(slug="researcher-mediates", group_size=3, owner=researcher)
+    experiment.arms.all().delete()
+    ArmFactory(experiment=experiment, name="researcher", human_mediator=True, mediator_is_researcher=True)
+    members = _join(experiment, 3)
+    round_ = Round.objects.current(room_id=members[0][0].room_id)
+    seat = Participant.objects.get(pk=round_.mediator_id)
+    assert seat.researcher_seat and seat.pk not in {m.pk for m, _ in members}
+    assert all(_view(client, member) == "opinions" for member, client in members)  # every member writes
+    owner = Client()
+    owner.force_login(researcher)
+    mediate_url = reverse("room_mediate", args=[seat.room_id])
+    assert 'id="room-mediate"' in owner.get(reverse("room_monitor", args=[seat.room_id])).content.decode()
+    assert "The members are writing" in owner.get(mediate_url).content.decode()
+    for i, (member, client) in enumerate(members):
+        client.post(reverse("opinion_submit", args=[member.code]), {"text": OPINIONS[i]})
+    round_.refresh_from_db()
+    assert round_.phase == Round.Phase.MEDIATING and round_.phase_deadline is not None
+    other = Client()
+    other.force_login(outsider_researcher)
+    assert other.get(mediate_url).status_code == 404
+    Collaboration.objects.create(experiment=experiment, user=outsider_researcher, role=Collaboration.Role.VIEWER)
+    assert other.get(mediate_url).status_code == 403
+    assert other.post(mediate_url, {"text": "A viewer's statement that should never be stored anywhere."}).status_code == 403
+    page = owner.get(mediate_url).content.decode()
+    assert all(text in page for text in OPINIONS[:3]) and 'id="mediator-form"' in page and 'class="timer" data-deadline=' in page
+    owner.post(mediate_url, {"text": "Too short"})
+    assert not Candidate.objects.filter(round=round_).exists()
+    assert "Too short" in owner.get(mediate_url).content.decode()  # the draft is kept
+    statement = "We agree that public services need money, and we disagree on whether higher rates on the rich are the way."
+    assert owner.post(mediate_url, {"text": statement}).status_code == 302
+    candidate = Candidate.objects.get(round=round_)
+    assert candidate.author_id == seat.pk and candidate.backend == "human"
+    assert Participant.objects.get(pk=seat.pk).researcher_id == researcher.pk
+    member, client = members[0]
+    page = _page(client, member)
+    assert 'data-view="rating"' in page and statement in page and "Mediator" not in page and "researcher" not in page.lower()
+    for member, client in members:
+        _rate_and_rank(member, client)
+    round_.refresh_from_db()
+    assert round_.phase == Round.Phase.DONE and round_.outcome == Round.Outcome.COMPLETED
+    assert "This round is over" in owner.get(mediate_url).content.decode()
+    assert load_protocol(experiment).outcomes[0].human_mediated
+    participants = _exported_statuses(experiment, tmp_path)
+    assert participants[seat.label]["researcher_seat"] == "true"
+    assert {participants[m.label]["researcher_seat"] for m, _ in members} == {"false"}
+
+
+def test_a_room_mediated_by_a_member_has_no_researcher_mediator_page(researcher) -> None:
+    experiment = _human_arm_experiment("member-mediates")
+    Experiment.objects.filter(pk=experiment.pk).update(owner=researcher)
+    members = _join(experiment, 3)
+    owner = Client()
+    owner.force_login(researcher)
+    assert owner.get(reverse("room_mediate", args=[members[0][0].room_id])).status_code == 404

@@ -228,3 +228,52 @@ def test_a_running_mediation_beats_while_it_works(group, enqueued, settings) -> 
         while Round.objects.get(pk=round_.pk).progress_at == before:
             assert time.monotonic() < deadline, "no heartbeat within 60 s"
             time.sleep(0.1)
+
+
+def test_a_side_by_side_round_whose_model_task_was_lost_after_the_human_statement_is_mediated_again(
+    enqueued, django_capture_on_commit_callbacks
+) -> None:
+    """Human vs model: the mediator's statement is in, the model's task was lost; the sweep queues the model again
+    (the human statement alone must not count as "the statements are in"), and once the model's are stored, it
+    leaves the round alone."""
+    from tests.factories import ArmFactory
+
+    experiment = ExperimentFactory(slug="h2h-lost", group_size=4)
+    experiment.arms.all().delete()
+    model_arm = ArmFactory(experiment=experiment, name="model", weight=0, n_candidates=4, k_shown=2)
+    ArmFactory(experiment=experiment, name="human-vs-model", human_mediator=True, compare_with=model_arm, k_shown=3)
+    members = [services.participant_join(experiment=experiment, external_id=f"h2h-{i}") for i in range(4)]
+    round_ = Round.objects.current(room_id=members[0].room_id)
+    mediator = Participant.objects.get(pk=round_.mediator_id)
+    for member, text in zip((m for m in members if m.pk != mediator.pk), OPINIONS):
+        services.opinion_submit(participant=member, text=text)
+    services.mediator_statement_submit(participant=mediator, text="We agree public services need money and differ on who should pay.")
+    enqueued.clear()  # the task queued when mediation began: lost with the broker
+    Round.objects.filter(pk=round_.pk).update(progress_at=timezone.now() - STALL * 2)
+    with django_capture_on_commit_callbacks(execute=True):
+        report = recovery.rounds_recover(stalled_after=STALL)
+    assert report.requeued == [round_.pk]
+    assert enqueued == [(mediate_round.name, [round_.pk])]
+    assert mediate_round.apply(args=[round_.pk]).get() == "stored"
+    round_.refresh_from_db()
+    assert round_.phase == Round.Phase.RATING
+    assert Candidate.objects.filter(round=round_, author=mediator).count() == 1
+    assert Candidate.objects.filter(round=round_, author__isnull=True, shown=True).count() == 2
+
+
+def test_a_side_by_side_round_with_the_models_statements_waits_for_the_human_not_the_model(enqueued) -> None:
+    from tests.factories import ArmFactory
+
+    experiment = ExperimentFactory(slug="h2h-waits", group_size=4)
+    experiment.arms.all().delete()
+    model_arm = ArmFactory(experiment=experiment, name="model", weight=0, n_candidates=4, k_shown=2)
+    ArmFactory(experiment=experiment, name="human-vs-model", human_mediator=True, compare_with=model_arm, k_shown=3)
+    members = [services.participant_join(experiment=experiment, external_id=f"h2w-{i}") for i in range(4)]
+    round_ = Round.objects.current(room_id=members[0].room_id)
+    for member, text in zip((m for m in members if m.pk != round_.mediator_id), OPINIONS):
+        services.opinion_submit(participant=member, text=text)
+    assert mediate_round.apply(args=[round_.pk]).get() == "stored"
+    enqueued.clear()
+    Round.objects.filter(pk=round_.pk).update(progress_at=timezone.now() - STALL * 2)
+    assert not recovery.rounds_recover(stalled_after=STALL).requeued
+    assert enqueued == []

@@ -127,3 +127,96 @@ def test_protocol_report_prints_the_figures() -> None:
     # Positions: the statement sits at 2·5/(5+4) + 6·4/(5+4) = 34/9; A moves 2 -> 3 toward it, B stays at 6.
     movement = (abs(2 - 34 / 9) - abs(3 - 34 / 9) + 0) / 2
     assert report["positions"]["movement_toward_statement"]["estimate"] == pytest.approx(movement)
+
+
+# --- On the researcher's analytics page and in its CSV ------------------------------------------------
+
+
+def _protocol_cells(html: str) -> dict[str, dict[str, str]]:
+    import re
+
+    table = html.split('<table class="table protocol">', 1)[1].split("</table>", 1)[0]
+    return {
+        match["key"]: dict(re.findall(r'data-(value|low|high)="([^"]+)"', match["attrs"]))
+        for match in re.finditer(r'<tr data-metric="(?P<key>[a-z_]+)"(?P<attrs>[^>]*)>', table)
+    }
+
+
+@pytest.mark.django_db
+def test_the_analytics_page_and_csv_show_the_protocol_figures(client, researcher, outsider_researcher) -> None:
+    import csv
+    import io
+
+    from accounts.models import Collaboration
+
+    study = build_protocol_study("page-protocol")
+    study.experiment.owner = researcher
+    study.experiment.save()
+    client.force_login(researcher)
+    html = client.get("/researcher/experiments/page-protocol/analytics/").content.decode()
+    assert "Habermas Machine protocol" in html
+    cells = _protocol_cells(html)
+    assert float(cells["revised_minus_first_agreement"]["value"]) == pytest.approx(1.5)  # one group: no interval
+    assert "low" not in cells["revised_minus_first_agreement"]
+    # One of two prefers the revision: Wilson interval 0.5 ± z·sqrt(1/8 + z²/16) / (1 + z²/2).
+    half = Z_975 * math.sqrt(1 / 8 + Z_975**2 / 16) / (1 + Z_975**2 / 2)
+    share = cells["share_preferring_revision"]
+    assert (float(share["value"]), float(share["low"]), float(share["high"])) == pytest.approx((0.5, 0.5 - half, 0.5 + half), abs=1e-4)
+    movement = (abs(2 - 34 / 9) - abs(3 - 34 / 9)) / 2
+    assert float(cells["position_movement_toward_statement"]["value"]) == pytest.approx(movement, abs=1e-4)
+    assert float(cells["position_spread_before"]["value"]) == pytest.approx(2.0)  # |2 − 4| and |6 − 4|
+    assert float(cells["position_spread_after"]["value"]) == pytest.approx(1.5)  # |3 − 4.5| and |6 − 4.5|
+    assert "value" not in cells["ai_minus_human_agreement"] and "value" not in cells["share_preferring_ai"]  # no human mediator
+    rows = list(csv.reader(io.StringIO(client.get("/researcher/experiments/page-protocol/analytics.csv").content.decode())))
+    protocol = {row[5]: row for row in rows if row[1] == "protocol"}
+    assert set(protocol) == set(cells)
+    assert float(protocol["share_preferring_revision"][6]) == pytest.approx(0.5)
+    assert float(protocol["share_preferring_revision"][7]) == pytest.approx(0.5 - half, abs=1e-5)
+    assert protocol["share_preferring_revision"][9] == "2"
+    # The analytics view's rule: another researcher's experiment does not exist; a viewer sees it.
+    client.force_login(outsider_researcher)
+    assert client.get("/researcher/experiments/page-protocol/analytics/").status_code == 404
+    assert client.get("/researcher/experiments/page-protocol/analytics.csv").status_code == 404
+    Collaboration.objects.create(experiment=study.experiment, user=outsider_researcher, role=Collaboration.Role.VIEWER)
+    assert "Habermas Machine protocol" in client.get("/researcher/experiments/page-protocol/analytics/").content.decode()
+
+
+@pytest.mark.django_db
+def test_the_analytics_page_shows_ai_vs_human_mediator_figures(client, researcher) -> None:
+    from deliberation.models import Candidate, PairwisePreference, Round
+    from tests.factories import ArmFactory
+
+    study = build_protocol_study("page-mediator")
+    study.experiment.owner = researcher
+    study.experiment.save()
+    ArmFactory(experiment=study.experiment, name="human", human_mediator=True)
+    # The critique round's first revision was written by a member; each member chose between it and the model's.
+    mediator = study.members[0]
+    Candidate.objects.filter(pk=study.revised[0].pk).update(author=mediator)
+    Round.objects.filter(pk=study.critique.pk).update(mediator=mediator)
+    for member, preferred in zip(study.members, [study.revised[1], study.revised[0]]):
+        PairwisePreference.objects.create(
+            participant=member, round=study.critique, candidate_a=study.revised[0], candidate_b=study.revised[1], preferred=preferred
+        )
+    client.force_login(researcher)
+    cells = _protocol_cells(client.get("/researcher/experiments/page-mediator/analytics/").content.decode())
+    assert float(cells["share_preferring_ai"]["value"]) == pytest.approx(0.5)
+    assert "low" in cells["share_preferring_ai"]
+    # The only group is human-mediated: no model-mediated group to compare it with yet.
+    assert "value" not in cells["ai_minus_human_agreement"]
+
+
+@pytest.mark.django_db
+def test_an_experiment_without_the_protocol_loads_none_of_it(client, researcher, monkeypatch) -> None:
+    from research import analytics_protocol
+    from tests.factories import ExperimentFactory
+
+    def refuse(experiment: object) -> None:
+        raise AssertionError("the protocol's rows were loaded for an experiment without the protocol")
+
+    monkeypatch.setattr(analytics_protocol, "load_protocol", refuse)
+    ExperimentFactory(owner=researcher, slug="plain")
+    client.force_login(researcher)
+    response = client.get("/researcher/experiments/plain/analytics/")
+    assert response.status_code == 200 and "Habermas Machine protocol" not in response.content.decode()
+    assert not any(row.split(",")[1] == "protocol" for row in client.get("/researcher/experiments/plain/analytics.csv").content.decode().splitlines())
