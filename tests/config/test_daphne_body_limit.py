@@ -122,10 +122,14 @@ def test_a_declared_148_mb_body_sent_anyway_is_cut_off(site) -> None:
 
 def test_a_chunked_148_mb_body_is_cut_off_past_the_limit_and_memory_stays_flat(site) -> None:
     port, process = site
+    peak_before = _peak_rss_kb(process)
     response, sent = _send(port, (HEAD + "Transfer-Encoding: chunked\r\n\r\n").encode(), _chunks(148 * MB, chunked=True))
     assert response.startswith(b"HTTP/1.1 413"), response[:200]
     assert sent < 32 * MB
-    assert _peak_rss_kb(process) < 400 * 1024  # it peaked at 1.4 GB before (it idles near 110 MB)
+    # The process's peak memory grew by less than the socket buffers' worth: it did not take the body in
+    # (it grew by 1.3 GB before: a 1.4 GB peak). Compared with its own earlier peak, because what the
+    # process loaded at start-up differs between machines and settings.
+    assert _peak_rss_kb(process) - peak_before < 64 * 1024
 
 
 def test_a_body_under_the_limit_still_reaches_the_application(site) -> None:
