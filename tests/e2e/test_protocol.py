@@ -166,6 +166,8 @@ def test_a_member_mediates_in_the_browser_and_the_others_rate_it(stack: Stack, n
     _write(mediator, statement + " We will review them every year.", "Submit the statement", "/statement/")
     for person in writers:
         _rate_and_rank(person)
+    # The closing questions open once every member has ranked (the round ends then).
+    for person in writers:
         expect(person.main).to_have_attribute("data-view", "closing")
         person.page.locator('input[name="preferred"]').first.check()
         with person.page.expect_response(lambda r: r.url.endswith("/closing/")):

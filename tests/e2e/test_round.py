@@ -17,6 +17,8 @@ from collections import Counter
 import pytest
 from playwright.sync_api import expect
 
+from modeling.welfare import WELFARE_METHODS
+
 from .helpers import MEDIATION_TIMEOUT_MS, Person
 from .server import GROUP_SIZE, K_SHOWN, N_CANDIDATES, Stack
 
