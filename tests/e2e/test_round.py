@@ -233,8 +233,8 @@ def _check_final_monitor(researcher: Person, people: list[Person], entered: dict
     number = re.compile(r"^-?\d+(\.\d+)?$")
     for row in range(N_CANDIDATES):
         cells = candidates.nth(row).locator("td")
-        # rank, #, statement, predictions…, the arm's welfare, welfare under each of 6 functions, shown
-        expect(cells).to_have_count(3 + GROUP_SIZE + 1 + 6 + 1)
+        # rank, #, statement, predictions…, the arm's welfare, welfare under each registered function, shown
+        expect(cells).to_have_count(3 + GROUP_SIZE + 1 + len(WELFARE_METHODS) + 1)
         expect(cells.nth(0)).to_have_text(str(row + 1))  # ordered by welfare rank
         for column in range(3, 3 + GROUP_SIZE + 1):  # each predicted agreement, then welfare
             expect(cells.nth(column)).to_have_text(number)
