@@ -188,28 +188,39 @@ def sweep_once() -> RecoveryReport | None:
 
 
 @contextlib.contextmanager
-def heartbeat(*, round_id: int) -> Iterator[None]:
-    """While the block runs (a mediation), mark the round alive every third of the stall time."""
+def heartbeat_thread(*, beat: Callable[[], object], interval: float, name: str) -> Iterator[None]:
+    """While the block runs, call `beat` every `interval` seconds on a thread of its own (with its own
+    database connection, closed at the end), so that long work is not taken for lost by a sweep. A
+    failing beat is logged and the next one tried: a missed beat only risks a false alarm."""
     stop = threading.Event()
-    interval = max(1.0, settings.CONCORD_MEDIATION_STALL_SECONDS / 3)
 
-    def beat() -> None:
+    def run() -> None:
         try:
             while not stop.wait(interval):
                 try:
-                    services.mediation_heartbeat(round_id=round_id)
-                except Exception:  # a missed beat only risks a duplicate task, which finds nothing to do
-                    logger.warning("Heartbeat of round %s failed", round_id, exc_info=True)
+                    beat()
+                except Exception:
+                    logger.warning("Heartbeat %s failed", name, exc_info=True)
         finally:
             connection.close()  # this thread's own connection
 
-    thread = threading.Thread(target=beat, daemon=True, name=f"heartbeat-round-{round_id}")
+    thread = threading.Thread(target=run, daemon=True, name=f"heartbeat-{name}")
     thread.start()
     try:
         yield
     finally:
         stop.set()
         thread.join(timeout=10)
+
+
+def heartbeat(*, round_id: int) -> contextlib.AbstractContextManager[None]:
+    """While the block runs (a mediation), mark the round alive every third of the stall time (a missed
+    beat only risks a duplicate task, which finds nothing to do)."""
+    return heartbeat_thread(
+        beat=lambda: services.mediation_heartbeat(round_id=round_id),
+        interval=max(1.0, settings.CONCORD_MEDIATION_STALL_SECONDS / 3),
+        name=f"round-{round_id}",
+    )
 
 
 _started = False

@@ -19,15 +19,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
-from django.db import connection, transaction
+from django.db import transaction
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -35,6 +34,7 @@ from accounts import permissions
 from deliberation import dispatch
 from deliberation.dispatch import TaskName
 from deliberation.models import Arm, Experiment, GeneratorVersion, RewardModelVersion
+from deliberation.recovery import heartbeat_thread
 from deliberation.services import InvalidInput, ServiceError
 from modeling.generator_quality import DEFAULT_N
 from modeling.reward.training import load_jsonl
@@ -210,30 +210,14 @@ def _still_running(run_id: int, **fields: Any) -> None:
         raise RunStopped("The run was marked failed while it trained (no progress for too long); nothing was registered.")
 
 
-@contextlib.contextmanager
-def heartbeat(*, run_id: int) -> Iterator[None]:
+def heartbeat(*, run_id: int) -> contextlib.AbstractContextManager[None]:
     """While the block runs, mark the run alive every third of the stall time, so that a step or a model
     load longer than that is not taken for a dead worker."""
-    stop = threading.Event()
-    interval = max(1.0, settings.CONCORD_TRAINING_STALL_SECONDS / 3)
-
-    def beat() -> None:
-        try:
-            while not stop.wait(interval):
-                try:
-                    TrainingRun.objects.filter(pk=run_id, status=TrainingRun.Status.RUNNING).update(progress_at=timezone.now())
-                except Exception:  # a missed beat only risks a false alarm after several in a row
-                    logger.warning("Heartbeat of training run %s failed", run_id, exc_info=True)
-        finally:
-            connection.close()  # this thread's own connection
-
-    thread = threading.Thread(target=beat, daemon=True, name=f"heartbeat-training-run-{run_id}")
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join(timeout=10)
+    return heartbeat_thread(
+        beat=lambda: TrainingRun.objects.filter(pk=run_id, status=TrainingRun.Status.RUNNING).update(progress_at=timezone.now()),
+        interval=max(1.0, settings.CONCORD_TRAINING_STALL_SECONDS / 3),
+        name=f"training-run-{run_id}",
+    )
 
 
 def training_runs_recover(*, now: datetime | None = None) -> list[int]:
