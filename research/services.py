@@ -103,7 +103,7 @@ def dataset_export_request(
 def dataset_export_claim(*, export_id: int) -> DatasetExport | None:
     """Start (or, after a lost worker, restart) an export; None when it is already done."""
     with transaction.atomic():
-        export = DatasetExport.objects.select_for_update().select_related("experiment").get(pk=export_id)
+        export = DatasetExport.objects.select_for_update(of=("self",)).select_related("experiment").get(pk=export_id)
         if export.status == DatasetExport.Status.DONE:
             return None
         export.status = DatasetExport.Status.RUNNING

@@ -61,7 +61,7 @@ def mediation_claim(*, round_id: int) -> MediationInput | None:
     is silently left out of generation and ranking, but still rates the statements.
     """
     with transaction.atomic():
-        round_ = Round.objects.select_for_update().select_related("room__question", "room__arm").get(pk=round_id)
+        round_ = Round.objects.select_for_update(of=("self",)).select_related("room__question", "room__arm").get(pk=round_id)
         human_versus_model = round_.mediator_id is not None and round_.room.arm.compare_with_id is not None
         if round_.phase != Round.Phase.MEDIATING or round_.candidates.filter(author__isnull=True).exists():
             return None  # nothing to do, or already done
@@ -168,7 +168,7 @@ def candidates_store(*, mediation: MediationInput, results: Sequence[SourcedResu
     Idempotent: a redelivered task stores nothing twice. Rank and shown are within each source arm.
     """
     with transaction.atomic():
-        round_ = Round.objects.select_for_update().select_related("room__arm", "room__experiment").get(pk=mediation.round_id)
+        round_ = Round.objects.select_for_update(of=("self",)).select_related("room__arm", "room__experiment").get(pk=mediation.round_id)
         if round_.phase != Round.Phase.MEDIATING or round_.candidates.filter(author__isnull=True).exists():
             return False
         if [r.arm_id for r in results] != (mediation.source_arm_ids or [mediation.arm_id]):

@@ -48,7 +48,7 @@ def room_wait_deadline_fire(*, room_id: int) -> str:
     Checked against the database, so a late, early or duplicate timer does nothing.
     """
     with transaction.atomic():
-        room = Room.objects.select_for_update().select_related("experiment").get(pk=room_id)
+        room = Room.objects.select_for_update(of=("self",)).select_related("experiment").get(pk=room_id)
         experiment = room.experiment
         round_ = Round.objects.select_for_update().current(room_id=room.pk)
         if room.status != Room.Status.OPEN or round_.phase != Round.Phase.WAITING:
@@ -147,7 +147,7 @@ def opinion_submit(*, participant: Participant, text: str) -> Opinion:
             f"Please keep your opinion under {experiment.opinion_max_chars} characters (it has {len(text)})."
         )
     with transaction.atomic():
-        round_ = Round.objects.select_for_update().select_related("room__arm").current(room_id=participant.room_id)
+        round_ = Round.objects.select_for_update(of=("self",)).select_related("room__arm").current(room_id=participant.room_id)
         existing = Opinion.objects.filter(round=round_, participant=participant).first()
         if existing is not None:
             return existing  # A double submit or a second tab: one opinion, the first.
@@ -176,7 +176,7 @@ def opinion_submit(*, participant: Participant, text: str) -> Opinion:
 def round_deadline_fire(*, round_id: int, phase: str) -> str:
     """A phase timer fired. Checked against the database, so a late or duplicate timer does nothing."""
     with transaction.atomic():
-        round_ = Round.objects.select_for_update().select_related("room__experiment", "room__arm").get(pk=round_id)
+        round_ = Round.objects.select_for_update(of=("self",)).select_related("room__experiment", "room__arm").get(pk=round_id)
         if round_.phase != phase:
             return "stale"
         if round_.deadline_pending(timezone.now()):

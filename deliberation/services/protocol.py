@@ -34,7 +34,9 @@ def position_before_submit(*, participant: Participant, position: object, streng
     """A member's position on the question before writing their first opinion (the first answer counts)."""
     position_value, strength_value = _parse_position(position, strength)
     with transaction.atomic():
-        participant = Participant.objects.select_for_update().select_related("room__experiment").get(pk=participant.pk)
+        # of=("self",): lock only this row. A plain FOR UPDATE also locks every joined row (room, experiment,
+        # arm), and two services taking those rows in different orders can deadlock on PostgreSQL.
+        participant = Participant.objects.select_for_update(of=("self",)).select_related("room__experiment").get(pk=participant.pk)
         if not participant.room.experiment.ask_positions:
             raise InvalidInput("This study does not ask for your position.")
         round_ = Round.objects.current(room_id=participant.room_id)
@@ -56,7 +58,7 @@ def closing_submit(*, participant: Participant, preferred: object = None, positi
     """After the last round: the final preference (first or revised statement) and the position after, as the
     experiment asks; then the member has finished and gets their code."""
     with transaction.atomic():
-        participant = Participant.objects.select_for_update().select_related("room__experiment").get(pk=participant.pk)
+        participant = Participant.objects.select_for_update(of=("self",)).select_related("room__experiment").get(pk=participant.pk)
         experiment = participant.room.experiment
         round_ = Round.objects.select_for_update().current(room_id=participant.room_id)
         if participant.has_finished:
@@ -101,13 +103,13 @@ def mediator_statement_submit(*, participant: Participant, text: str) -> Candida
     to the members in the same form and position as a model statement; the rating phase opens."""
     text = clean_text(text).strip()
     with transaction.atomic():
-        participant = Participant.objects.select_for_update().select_related("room__experiment", "room__arm").get(pk=participant.pk)
+        participant = Participant.objects.select_for_update(of=("self",)).select_related("room__experiment", "room__arm").get(pk=participant.pk)
         experiment = participant.room.experiment
         if visible_length(text) < experiment.opinion_min_chars:
             raise InvalidInput(f"Please write at least {experiment.opinion_min_chars} characters.")
         if len(text) > STATEMENT_MAX_CHARS:
             raise InvalidInput(f"Please keep the statement under {STATEMENT_MAX_CHARS} characters (it has {len(text)}).")
-        round_ = Round.objects.select_for_update().select_related("room__arm").current(room_id=participant.room_id)
+        round_ = Round.objects.select_for_update(of=("self",)).select_related("room__arm").current(room_id=participant.room_id)
         if round_.mediator_id != participant.pk:
             raise WrongPhase("Only this round's mediator writes its statement.")
         existing = round_.candidates.filter(author__isnull=False).first()
@@ -154,7 +156,7 @@ def researcher_mediator_statement_submit(*, room: Room, researcher: Any, text: s
     """A researcher-mediated arm: the researcher (the view checked they may change the experiment) writes the current
     round's statement through the room's researcher seat, exactly as a member mediator would; who wrote it is kept."""
     with transaction.atomic():
-        round_ = Round.objects.select_for_update().select_related("mediator").current(room_id=room.pk)
+        round_ = Round.objects.select_for_update(of=("self",)).select_related("mediator").current(room_id=room.pk)
         seat = round_.mediator
         if seat is None or not seat.researcher_seat:
             raise WrongPhase("A researcher does not mediate this room.")

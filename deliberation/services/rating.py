@@ -66,7 +66,7 @@ def rating_submit(*, participant: Participant, candidate_id: int, agreement: obj
 def ranking_submit(*, participant: Participant, positions: dict[int, object]) -> Ranking:
     """`positions` maps each presented candidate id to the participant's rank for it (1 = best)."""
     with transaction.atomic():
-        participant = Participant.objects.select_for_update().select_related("room__experiment").get(pk=participant.pk)
+        participant = Participant.objects.select_for_update(of=("self",)).select_related("room__experiment").get(pk=participant.pk)
         # One ranking per member and round: a double submit (or a late second tab) gets the first one back.
         current = Round.objects.current(room_id=participant.room_id)
         existing = Ranking.objects.filter(participant=participant, round=current).first()
@@ -147,7 +147,7 @@ def opinion_rating_submit(*, participant: Participant, opinion_id: int, agreemen
     """Best-human-opinion protocol: agreement with another member's anonymised opinion."""
     value = _parse_likert(agreement, what="agreement")
     with transaction.atomic():
-        participant = Participant.objects.select_for_update().select_related("room__experiment").get(pk=participant.pk)
+        participant = Participant.objects.select_for_update(of=("self",)).select_related("room__experiment").get(pk=participant.pk)
         round_ = _rating_round(participant=participant)
         if not participant.room.experiment.rate_opinions:
             raise InvalidInput("This study does not ask you to rate opinions.")
@@ -162,7 +162,7 @@ def attention_check_submit(*, participant: Participant, answer: object) -> Atten
     """An instructed-response item. The first answer counts: a second one cannot turn a failure into a pass."""
     value = _parse_likert(answer, what="answer")
     with transaction.atomic():
-        participant = Participant.objects.select_for_update().select_related("room__experiment").get(pk=participant.pk)
+        participant = Participant.objects.select_for_update(of=("self",)).select_related("room__experiment").get(pk=participant.pk)
         round_ = _rating_round(participant=participant)
         if not participant.room.experiment.attention_check:
             raise InvalidInput("This study has no such question.")

@@ -42,7 +42,7 @@ def seat_transfer_issue(*, participant: Participant, issued_by: Any) -> str:
 def seat_transfer_redeem(*, token: str) -> Participant:
     """Use a transfer link: the seat becomes the redeeming browser's. Refused when unknown, used or expired."""
     with transaction.atomic():
-        transfer = SeatTransfer.objects.select_for_update().select_related("participant").filter(token_sha256=_token_sha256(token)).first()
+        transfer = SeatTransfer.objects.select_for_update(of=("self",)).select_related("participant").filter(token_sha256=_token_sha256(token)).first()
         now = timezone.now()
         if transfer is None or not transfer.is_redeemable(now):
             raise JoinRefused("This link has been used already or has expired. Please ask the researchers for a new one.")
